@@ -1,0 +1,1 @@
+"""dove-jax: DOVE, a vision encoder with a variable number of continuous tokens per image."""
