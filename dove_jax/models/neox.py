@@ -1,0 +1,120 @@
+"""GPT-NeoX (Pythia) transformer blocks, mirroring transformers' `GPTNeoXModel` without its token embedding.
+
+DOVE uses this layout twice: the causal dynamic token generator (initialised from Pythia) and the bidirectional
+token decoder. Both feed continuous embeddings, so the module takes [B, L, D] inputs and returns the hidden
+states after the final LayerNorm (= `GPTNeoXModel(...).last_hidden_state`).
+
+Numerics follow Pythia: partial rotary embedding on the first `rotary_pct` of each head's dims (rotate_half
+convention), parallel residual x + attn(ln1(x)) + mlp(ln2(x)), exact (erf) GELU, biases on every projection.
+The fused qkv projection keeps Pythia's `query_key_value` output layout, [heads, (q, k, v), head_dim], so a
+checkpoint converts with a plain transpose.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PYTHIA_14M = dict(num_layers=6, d_model=128, num_heads=4, mlp_dim=512)
+PYTHIA_70M = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
+PRESETS = {"pythia-14m": PYTHIA_14M, "pythia-70m": PYTHIA_70M}
+
+
+def rotary_cos_sin(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the rotary phases, [B, L, rotary_dim] each, float32.
+
+  Frequencies are repeated as [f, f] (not interleaved) to pair with `rotate_half`, as transformers does.
+  """
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [R/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, R/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, R]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates the first R dims of each head of x [B, L, N, H] by the phases cos/sin [B, L, R]; the rest pass."""
+  rotary_dim = cos.shape[-1]
+  x_rot, x_pass = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+  first, second = jnp.split(x_rot, 2, axis=-1)  # [B, L, N, R/2] each
+  rotated = jnp.concatenate([-second, first], axis=-1)  # rotate_half, [B, L, N, R]
+  x_rot = x_rot * cos[:, :, None] + rotated * sin[:, :, None]
+  return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
+
+
+def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """A float32 LayerNorm whatever the compute dtype (bf16 would round away small residual updates), with
+  PyTorch's two-pass variance rather than Flax's E[x^2] - E[x]^2 shortcut."""
+  return nnx.LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
+
+
+class NeoXBlock(nnx.Module):
+  """One GPT-NeoX layer with parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).
+
+  `causal` is fixed at construction so the attention kernel can specialise on it; padding comes per call
+  through `key_mask`; a query that sees no valid key (a padded slot under left padding and causal
+  attention) gets a finite but meaningless output. LayerNorms always run in float32 and the attention softmax
+  is float32 inside `jax.nn.dot_product_attention`, so a bfloat16 `dtype` only lowers the matmuls; the
+  residual stream keeps the input's dtype.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, rotary_pct: float = 0.25,
+               rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5, causal: bool, dtype=None,
+               rngs: nnx.Rngs):
+    if d_model % num_heads:
+      raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = d_model // num_heads
+    self.rotary_dim = int(self.head_dim * rotary_pct)  # int() truncates, as transformers does
+    self.rotary_base = rotary_base
+    self.causal = causal
+    self.attn_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
+    self.mlp_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
+    self.qkv = nnx.Linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
+    self.attn_out = nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    """x [B, L, D], positions [B, L] int32, key_mask [B, L] bool (False = padding no query sees) -> [B, L, D]."""
+    return x + self.attention(self.attn_norm(x), positions, key_mask) + self.mlp(self.mlp_norm(x))
+
+  def attention(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    batch, length, d_model = x.shape
+    qkv = self.qkv(x).reshape(batch, length, self.num_heads, 3, self.head_dim)  # [B, L, N, 3, H]
+    q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, L, N, H] each
+    cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rotary_base)  # [B, L, R]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, Lq, Lk]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, N, H]
+    return self.attn_out(out.reshape(batch, length, d_model))
+
+  def mlp(self, x: jax.Array) -> jax.Array:
+    return self.mlp_out(jax.nn.gelu(self.mlp_in(x), approximate=False))
+
+
+class NeoXTransformer(nnx.Module):
+  """A stack of NeoXBlocks and the final LayerNorm; the output is GPTNeoXModel's last_hidden_state.
+
+  The architecture hyper-parameters are kept as attributes so a converter can check a checkpoint's config
+  against the model it fills.
+  """
+
+  def __init__(self, *, num_layers: int, d_model: int, num_heads: int, mlp_dim: int, causal: bool,
+               rotary_pct: float = 0.25, rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5,
+               dtype=None, rngs: nnx.Rngs):
+    self.num_layers, self.d_model, self.num_heads, self.mlp_dim = num_layers, d_model, num_heads, mlp_dim
+    self.rotary_pct, self.rotary_base, self.layer_norm_eps = rotary_pct, rotary_base, layer_norm_eps
+    self.layers = nnx.List([
+        NeoXBlock(d_model, num_heads, mlp_dim, rotary_pct=rotary_pct, rotary_base=rotary_base,
+                  layer_norm_eps=layer_norm_eps, causal=causal, dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+    self.final_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+               key_mask: jax.Array | None = None) -> jax.Array:
+    """x [B, L, D] -> [B, L, D] float32. positions [B, L] default to 0..L-1; key_mask [B, L], False = padding."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # [B, L]
+    for layer in self.layers:
+      x = layer(x, positions, key_mask)
+    return self.final_norm(x)
