@@ -1,0 +1,138 @@
+"""DOVE, the top module: image -> VQGAN encoder -> H_v -> generator -> tokens + EOS -> mask -> token decoder
+-> latent grid -> VQGAN decoder -> image.
+
+Images are NHWC floats in [-1, 1] at the model's `image_size` (static shapes: one compiled function per
+size). Every sequence has `max_tokens` slots; a shorter one is the same array with a mask.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dove_jax.models import eos, neox
+from dove_jax.models.generator import TokenGenerator
+from dove_jax.models.quantizer import QuantizerOutput
+from dove_jax.models.token_decoder import TokenDecoder
+from dove_jax.models.vqgan import AMUSED_VQGAN, VQGAN
+
+
+@struct.dataclass
+class Tokens:
+  """A batch of variable-length token sequences, padded to `max_tokens` slots."""
+  tokens: jax.Array  # [B, n, D], exactly zero after each image's length
+  mask: jax.Array  # [B, n] bool, True for the kept slots 1..length
+  lengths: jax.Array  # [B] int32
+  eos_prob: jax.Array  # [B, n] float32
+
+
+@struct.dataclass
+class DOVEOutput:
+  """A forward pass with everything the losses need."""
+  reconstruction: jax.Array  # [B, H, W, 3]
+  tokens: Tokens
+  features: jax.Array  # [B, h, w, C] H_v, what the generator read
+  latents: jax.Array  # [B, h, w, C] what the token decoder wrote, before the VQGAN decoder
+  vq: QuantizerOutput | None  # the quantizer on H_v, when `quantize_features` is set
+
+
+def _transformer_kwargs(spec: str | dict) -> dict:
+  """A preset name ('pythia-70m') or explicit NeoXTransformer arguments."""
+  if isinstance(spec, str):
+    if spec not in neox.PRESETS:
+      raise ValueError(f"unknown transformer preset {spec!r}; choose from {sorted(neox.PRESETS)} "
+                       "or give num_layers/d_model/num_heads/mlp_dim")
+    return dict(neox.PRESETS[spec])
+  return dict(spec)
+
+
+class DOVE(nnx.Module):
+  """Dynamic Output Vision Encoder (Mao et al., 2025).
+
+  Args mirror the `model` section of `configs/dove.py`:
+    image_size: input height = width in pixels.
+    vqgan: VQGAN keyword arguments (default: the aMUSEd VQ-GAN, 146M parameters).
+    generator, decoder: a GPT-NeoX preset name or its keyword arguments.
+    max_tokens: n, the number of output slots.
+    eos_threshold: an EOS fires where its probability exceeds this.
+    quantize_features: feed the generator the quantized H_v (the paper does not say; default: continuous).
+    requantize_output: snap the token decoder's latents to the codebook before the VQGAN decoder.
+    eos_bias_init: initial EOS logit bias; negative starts every image at full length.
+    dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
+  """
+
+  def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
+               generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
+               max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
+               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, rngs: nnx.Rngs):
+    vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
+    downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
+    if image_size % downsample:
+      raise ValueError(f"image_size {image_size} is not a multiple of the VQGAN's downsampling {downsample}")
+    dtype = jnp.dtype(dtype) if dtype else None
+    self.image_size = image_size
+    self.max_tokens = max_tokens
+    self.eos_threshold = eos_threshold
+    self.quantize_features = quantize_features
+    self.requantize_output = requantize_output
+    latent_dim = vqgan["vq_embed_dim"]
+    generator = _transformer_kwargs(generator)
+    self.vqgan = VQGAN(**vqgan, rngs=rngs)
+    self.generator = TokenGenerator(feature_dim=latent_dim, max_tokens=max_tokens, transformer=generator,
+                                    eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)
+    self.token_decoder = TokenDecoder(token_dim=generator["d_model"], latent_dim=latent_dim,
+                                      grid_size=image_size // downsample,
+                                      transformer=_transformer_kwargs(decoder), dtype=dtype, rngs=rngs)
+
+  # -- the public API -----------------------------------------------------------------------------------
+
+  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None) -> Tokens:
+    """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths."""
+    return self._encode(images, token_budget)[0]
+
+  def decode(self, tokens: Tokens) -> jax.Array:
+    """Tokens -> images [B, H, W, 3] (about [-1, 1])."""
+    return self._decode(tokens)[0]
+
+  def __call__(self, images: jax.Array, token_budget: jax.Array | int | None = None) -> DOVEOutput:
+    tokens, features, vq = self._encode(images, token_budget)
+    reconstruction, latents = self._decode(tokens)
+    return DOVEOutput(reconstruction, tokens, features, latents, vq)
+
+  # -- the steps ----------------------------------------------------------------------------------------
+
+  def _encode(self, images, token_budget):
+    check_images(images, self.image_size)
+    features = self.vqgan.encode(images)  # [B, h, w, C]
+    vq = None
+    if self.quantize_features:
+      vq = self.vqgan.quantize(features)
+      features = vq.quantized
+    b, h, w, c = features.shape
+    tokens, eos_prob = self.generator(features.reshape(b, h * w, c))  # [B, n, D], [B, n]
+    mask, lengths = eos.eos_mask(eos_prob, token_budget, self.eos_threshold)
+    return Tokens(eos.apply_mask(tokens, mask), mask, lengths, eos_prob), features, vq
+
+  def _decode(self, tokens: Tokens):
+    latents = self.token_decoder(tokens.tokens, tokens.mask)  # [B, h, w, C]
+    return self.vqgan.decode(latents, quantize=self.requantize_output), latents
+
+
+def check_images(images, image_size: int) -> None:
+  """Rejects what DOVE cannot read, with the fix in the message. The range is only checked on concrete
+  arrays (outside `jax.jit`), where reading it costs nothing extra."""
+  shape = getattr(images, "shape", None)
+  if shape is None or len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f"images must be NHWC with 3 channels, shape [B, {image_size}, {image_size}, 3]; "
+                     f"got shape {shape}")
+  if tuple(shape[1:3]) != (image_size, image_size):
+    raise ValueError(f"images must be {image_size}x{image_size} (the model's image_size); "
+                     f"got {shape[1]}x{shape[2]}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be floats in [-1, 1]; got dtype {images.dtype} "
+                     "(for uint8 use images / 127.5 - 1)")
+  if not isinstance(images, jax.core.Tracer):
+    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    if lo < -1.001 or hi > 1.001:
+      raise ValueError(f"images must be in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
+                       "(for [0, 1] inputs use 2 * images - 1)")

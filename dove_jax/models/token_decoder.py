@@ -1,0 +1,36 @@
+"""The token decoder: a bidirectional GPT-NeoX that maps the masked token sequence back to the latent grid."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dove_jax.models.neox import NeoXTransformer
+
+
+class TokenDecoder(nnx.Module):
+  """[tokens d_1..d_n; one learned query per latent position] -> transformer -> [B, h, w, latent_dim].
+
+  Dropped slots are masked out as attention keys, so the decoder sees exactly the kept tokens; the latent
+  queries read from them and from each other.
+  """
+
+  def __init__(self, *, token_dim: int, latent_dim: int, grid_size: int, transformer: dict,
+               dtype=None, rngs: nnx.Rngs):
+    width = transformer["d_model"]
+    self.grid_size = grid_size
+    self.token_proj = nnx.Linear(token_dim, width, dtype=dtype, rngs=rngs)
+    self.latent_queries = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (grid_size * grid_size, width)))  # [P, W]
+    self.transformer = NeoXTransformer(**transformer, causal=False, dtype=dtype, rngs=rngs)
+    self.latent_out = nnx.Linear(width, latent_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """tokens [B, n, token_dim], mask [B, n] -> latents [B, h, w, latent_dim]."""
+    b, n = mask.shape
+    x = self.token_proj(tokens)  # [B, n, W]
+    queries = jnp.broadcast_to(self.latent_queries[...].astype(x.dtype), (b, *self.latent_queries.shape))
+    x = jnp.concatenate([x, queries], axis=1)  # [B, n + P, W]
+    key_mask = jnp.concatenate([mask.astype(bool), jnp.ones(queries.shape[:2], bool)], axis=1)
+    out = self.transformer(x, key_mask=key_mask)[:, n:]  # [B, P, W]
+    return self.latent_out(out).reshape(b, self.grid_size, self.grid_size, -1)
