@@ -6,10 +6,13 @@
 --pythia: a Hugging Face GPT-NeoX folder (config.json + weights); its shapes must match the config.
 Parts not given keep the random initialisation drawn from the config's seed.
 """
+import sys
+
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from dove_jax.convert.common import ConversionError
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.models.dove import DOVE
 from dove_jax.weights import save_weights
@@ -24,8 +27,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
-  for report in load_pretrained(model, vqgan=_VQGAN.value or config.init.vqgan,
-                                pythia=_PYTHIA.value or config.init.pythia):
+  try:
+    reports = load_pretrained(model, vqgan=_VQGAN.value or config.init.vqgan,
+                              pythia=_PYTHIA.value or config.init.pythia)
+  except (ConversionError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")  # the message names every problem; a traceback would only bury it
+  for report in reports:
     print(report)
   save_weights(model, _OUT.value)
   print(f"wrote {_OUT.value}")
