@@ -181,3 +181,16 @@ def test_paper_size_parameter_counts():
   assert count(paper.generator.transformer) == count(paper.token_decoder.transformer) == 18_915_328
   assert counts["generator"] - 18_915_328 == 64 * 512 + 512 + 512 + 1  # feature projection + EOS head
   assert counts["token_decoder"] - 18_915_328 == 512 * 512 + 512 + 256 * 512 + 512 * 64 + 64
+
+
+def test_remat_gives_the_same_gradients():
+  x = images()
+
+  def grads(model):
+    graphdef, params = nnx.split(model)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(x, 5).reconstruction ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  plain, remat = grads(tiny_dove()), grads(tiny_dove(remat=True))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -59,12 +59,14 @@ class DOVE(nnx.Module):
     requantize_output: snap the token decoder's latents to the codebook before the VQGAN decoder.
     eos_bias_init: initial EOS logit bias; negative starts every image at full length.
     dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
+    remat: recompute the transformer blocks' activations in the backward pass instead of storing them.
   """
 
   def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
                generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
                max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
-               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, rngs: nnx.Rngs):
+               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, remat: bool = False,
+               rngs: nnx.Rngs):
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
@@ -76,13 +78,14 @@ class DOVE(nnx.Module):
     self.quantize_features = quantize_features
     self.requantize_output = requantize_output
     latent_dim = vqgan["vq_embed_dim"]
-    generator = _transformer_kwargs(generator)
+    generator = dict(_transformer_kwargs(generator), remat=remat)
     self.vqgan = VQGAN(**vqgan, rngs=rngs)
     self.generator = TokenGenerator(feature_dim=latent_dim, max_tokens=max_tokens, transformer=generator,
                                     eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)
     self.token_decoder = TokenDecoder(token_dim=generator["d_model"], latent_dim=latent_dim,
                                       grid_size=image_size // downsample,
-                                      transformer=_transformer_kwargs(decoder), dtype=dtype, rngs=rngs)
+                                      transformer=dict(_transformer_kwargs(decoder), remat=remat), dtype=dtype,
+                                      rngs=rngs)
 
   # -- the public API -----------------------------------------------------------------------------------
 
@@ -132,7 +135,8 @@ def check_images(images, image_size: int) -> None:
     raise ValueError(f"images must be floats in [-1, 1]; got dtype {images.dtype} "
                      "(for uint8 use images / 127.5 - 1)")
   if not isinstance(images, jax.core.Tracer):
-    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    with jax.ensure_compile_time_eval():  # a concrete array closed over by a jitted function stays concrete
+      lo, hi = float(jnp.min(images)), float(jnp.max(images))
     if lo < -1.001 or hi > 1.001:
       raise ValueError(f"images must be in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
                        "(for [0, 1] inputs use 2 * images - 1)")

@@ -101,7 +101,8 @@ class NeoXTransformer(nnx.Module):
 
   def __init__(self, *, num_layers: int, d_model: int, num_heads: int, mlp_dim: int, causal: bool,
                rotary_pct: float = 0.25, rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5,
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, remat: bool = False, rngs: nnx.Rngs):
+    self.remat = remat
     self.num_layers, self.d_model, self.num_heads, self.mlp_dim = num_layers, d_model, num_heads, mlp_dim
     self.rotary_pct, self.rotary_base, self.layer_norm_eps = rotary_pct, rotary_base, layer_norm_eps
     self.layers = nnx.List([
@@ -115,6 +116,12 @@ class NeoXTransformer(nnx.Module):
     """x [B, L, D] -> [B, L, D] float32. positions [B, L] default to 0..L-1; key_mask [B, L], False = padding."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # [B, L]
+    # remat: keep only each block's input for the backward pass and recompute the rest (memory for compute).
+    run = nnx.remat(_run_block) if self.remat else _run_block
     for layer in self.layers:
-      x = layer(x, positions, key_mask)
+      x = run(layer, x, positions, key_mask)
     return self.final_norm(x)
+
+
+def _run_block(layer: NeoXBlock, x, positions, key_mask):
+  return layer(x, positions, key_mask)
