@@ -1,8 +1,10 @@
-"""DOVE: the paper's model, and a `tiny` preset for CPUs and tests.
+"""DOVE: the paper's recipe, and a `tiny` preset that trains on a 2-core CPU in minutes.
 
-  python -m dove_jax.convert --config configs/dove.py --vqgan VQ_DIR --pythia PYTHIA_DIR --out dove.safetensors
-  --config configs/dove.py:tiny            the small model
-  --config.model.max_tokens=128            any field from the command line
+  python train.py --config configs/dove.py --workdir runs/dove         the paper's recipe (ImageNet, 256 px)
+  python train.py --config configs/dove.py:tiny --workdir runs/tiny    built-in data, 64 px, CPU
+  --config.optim.learning_rate=3e-4                                    any field from the command line
+
+The config is locked: a mistyped field fails before any compute, naming the field.
 """
 import ml_collections
 
@@ -28,11 +30,70 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model.requantize_output = False  # snap decoded latents to the codebook before the VQGAN decoder
   config.model.eos_bias_init = -4.0  # start at full length
   config.model.dtype = ""  # compute dtype of the transformers: "" (float32) or "bfloat16"
+  config.model.remat = False  # recompute transformer activations in the backward pass (saves memory)
 
   # Pretrained weights, read from local paths (nothing is downloaded).
   config.init = ml_collections.ConfigDict()
   config.init.vqgan = ""  # a diffusers VQModel folder or .safetensors/.bin file
   config.init.pythia = ""  # a Hugging Face GPT-NeoX folder (Pythia-70M for the paper model)
+  config.init.weights = ""  # or a whole-model .safetensors from `python -m dove_jax.convert`
+
+  # Input. source: "builtin" (generated locally), "tfds" (a data set prepared under data_dir) or "folder".
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"
+  config.data.name = "imagenet2012"  # the TFDS name, for source="tfds"
+  config.data.data_dir = "~/tensorflow_datasets"
+  config.data.folder = ""  # an image folder, for source="folder"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.global_batch_size = 64
+  config.data.worker_count = 8
+
+  # Losses (DOVE.md): L_total = rec_weight * L_rec + lambda_eos(step) * L_eos, per image.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.rec_weight = 1.0
+  config.loss.mse_weight = 1.0
+  config.loss.lpips_weight = 0.1
+  config.loss.gan_weight = 5e-10  # tiny on purpose: avoids hallucinated detail
+  config.loss.gan_kind = "hinge"  # or "non_saturating"
+  config.loss.gan_start_step = 0
+  config.loss.vq_weight = 1.0  # the quantizer's loss, when quantize_features is set
+  config.loss.threshold_window = 100  # the EOS threshold is the mean batch L_rec of this many last steps
+  config.loss.eos_weight_start = 1e-6  # lambda_eos grows from this ...
+  config.loss.eos_weight_end = 1e-2  # ... to this ...
+  config.loss.eos_weight_steps = 20_000  # ... over this many steps ...
+  config.loss.eos_weight_kind = "exponential"  # ... along this curve ("linear", "constant")
+  # A fraction of the images are reconstructed at a random forced length, so every budget works.
+  config.loss.random_length_fraction = 0.5
+
+  config.discriminator = ml_collections.ConfigDict()
+  config.discriminator.base_channels = 64
+  config.discriminator.num_layers = 3
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-4
+  config.optim.disc_learning_rate = 1e-4
+  config.optim.warmup_steps = 2_000
+  config.optim.weight_decay = 0.01
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.99
+  config.optim.grad_clip = 1.0
+  config.optim.freeze = ()  # parameter path prefixes left untouched, e.g. ("vqgan",)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 20  # the paper: 20 epochs of ImageNet-1K
+  config.train.num_steps = 0  # > 0 overrides num_epochs
+  config.train.log_every = 100
+  config.train.image_every = 2_000  # input vs reconstruction at a few budgets
+  config.train.eval_every = 5_000
+  config.train.eval_batches = 20
+  config.train.checkpoint_every = 1_000
+  config.train.keep_checkpoints = 3
+
+  # Devices: a mesh with a data axis and an fsdp axis (parameters sharded over it); -1 = all the rest.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
 
   if preset == "tiny":
     config.model.image_size = 64
@@ -42,6 +103,25 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.model.generator = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.decoder = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.max_tokens = 64
+    config.data.source = "builtin"
+    config.data.name = "dove_shapes"
+    config.data.data_dir = "data"
+    config.data.global_batch_size = 16
+    config.data.worker_count = 0
+    config.loss.eos_weight_steps = 300
+    config.loss.eos_weight_end = 1e-1
+    config.discriminator.base_channels = 16
+    config.discriminator.num_layers = 2
+    config.optim.learning_rate = 1e-3
+    config.optim.disc_learning_rate = 1e-4
+    config.optim.warmup_steps = 50
+    config.train.num_steps = 600
+    config.train.log_every = 25
+    config.train.image_every = 200
+    config.train.eval_every = 200
+    config.train.eval_batches = 4
+    config.train.checkpoint_every = 100
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/dove.py; presets: '' (paper), 'tiny'")
+  config.lock()
   return config

@@ -1,0 +1,163 @@
+"""The grain input pipeline: records from any source -> fixed-shape batches of model inputs.
+
+  dataset = make_dataset(source, image_size=256, global_batch_size=64, seed=0, train=True)
+  iterator = iter(dataset)      # a grain DatasetIterator
+  batch = next(iterator)        # this process's share of the global batch:
+  # image float32 [b, S, S, 3] in [-1, 1], label int32 [b], valid bool [b], complexity float32 [b]
+
+An image that cannot be decoded does not stop training: it becomes a black image with valid=False (and a
+warning naming its path), so shapes stay static and the loss can weight it out; evaluation pads its last
+batch the same way. `valid` travels in the batch, so counting `~valid` is exact with worker processes too.
+
+Batches are formed before the worker processes split the work (each worker makes whole batches, in
+turn), so a seed gives the same batches for every `worker_count`.
+
+Checkpointing: `iterator.get_state()` is a small JSON-able dict and `iterator.set_state(state)` resumes at
+exactly the next batch. With Orbax, save it beside the train state in one composite item:
+
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                data=grain.checkpoint.CheckpointRestore(iterator)))
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import grain
+import jax
+import numpy as np
+from absl import flags, logging
+from PIL import Image
+
+# Elements read ahead are whole batches, so a few suffice (the default of 500 would hold gigabytes).
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def invalid_example() -> dict:
+  """What an unreadable image, and an eval padding slot, becomes: a zero image with valid=False."""
+  return {"image": np.zeros((1, 1, 3), np.uint8), "label": np.int32(0), "valid": np.bool_(False),
+          "complexity": np.float32(0)}
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [H, W, 3] (alpha dropped)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected a uint8 image [H, W, 1|3|4], got {image.dtype} {image.shape}")
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+
+
+def decode_bytes(image_bytes: bytes) -> np.ndarray:
+  """Any format Pillow reads (grayscale, RGBA and palette images too) -> uint8 [H, W, 3]."""
+  with Image.open(io.BytesIO(image_bytes)) as image:
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(record: dict) -> dict:
+  """A TFDS record (decoded `image` array) or a folder record (`image_bytes`) -> {image uint8 [H, W, 3],
+  label int32, valid bool, complexity float32 (0 where the source has none)}. Never raises on bad data."""
+  try:
+    image = as_rgb(record["image"]) if "image" in record else decode_bytes(record["image_bytes"])
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow reports broken files as OSError, SyntaxError, ValueError, ...: any of them only skips the image.
+    logging.warning("unreadable image %s (%s: %s); it is marked valid=False", record.get("path", "<record>"),
+                    type(e).__name__, e)
+    return invalid_example()
+  return {"image": image, "label": np.int32(record.get("label", 0)), "valid": np.bool_(True),
+          "complexity": np.float32(record.get("complexity", 0))}
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """[H, W, 3] -> shorter side `size`, aspect kept; bilinear, antialiased when shrinking (Pillow widens
+  the filter by the scale factor)."""
+  height, width = image.shape[:2]
+  if min(height, width) == size:
+    return image
+  scale = size / min(height, width)
+  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))  # Pillow's (w, h)
+  return np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.BILINEAR))
+
+
+def crop(image: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
+  return image[top:top + size, left:left + size]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCrop(grain.transforms.RandomMap):
+  """Shorter side to `size`, a random `size` x `size` crop, a horizontal flip half of the time."""
+  size: int
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    image = resize_shorter_side(example["image"], self.size)
+    height, width = image.shape[:2]
+    image = crop(image, self.size, rng.integers(height - self.size + 1), rng.integers(width - self.size + 1))
+    if rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {**example, "image": image}
+
+
+@dataclasses.dataclass(frozen=True)
+class CentreCrop(grain.transforms.Map):
+  """Shorter side to `size`, the central `size` x `size` crop."""
+  size: int
+
+  def map(self, example: dict) -> dict:
+    image = resize_shorter_side(example["image"], self.size)
+    height, width = image.shape[:2]
+    return {**example, "image": crop(image, self.size, (height - self.size) // 2, (width - self.size) // 2)}
+
+
+def to_model_input(example: dict) -> dict:
+  """uint8 [S, S, 3] -> float32 in [-1, 1], the model's input range."""
+  return {**example, "image": example["image"].astype(np.float32) / 127.5 - 1}
+
+
+def _padding(_) -> dict:
+  return invalid_example()
+
+
+def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool,
+                 num_epochs: int | None = None, worker_count: int = 0,
+                 shard_by_process: bool = True) -> grain.IterDataset:
+  """Batches of this process's share of `source` (see the module doc for the keys).
+
+  Args:
+    source: a random-access source: `tfds.data_source`, `sources.ImageFolderSource`, or any sequence of
+      records that `decode_image` reads.
+    image_size: S, the side of the square images.
+    global_batch_size: the batch over all processes; each process yields global_batch_size //
+      jax.process_count() examples per batch.
+    seed: the shuffle and augmentation seed (training only).
+    train: shuffled (differently each epoch), randomly cropped and flipped, repeated for `num_epochs`
+      (None: forever); batches run on across epoch boundaries and only the final incomplete one is
+      dropped. Otherwise one pass in order, centre crops, the last batch padded
+      with valid=False examples; `num_epochs` is ignored.
+    worker_count: processes that decode and augment; 0 does it in this process (same batches either way).
+    shard_by_process: each JAX process reads every process_count-th example (of the shuffled order, so all
+      processes together see each example once per epoch). False: every process reads everything.
+  """
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of the "
+                     f"{jax.process_count()} processes")
+  batch_size = global_batch_size // jax.process_count()
+  num_shards, shard_index = (jax.process_count(), jax.process_index()) if shard_by_process else (1, 0)
+  examples_per_step = batch_size * num_shards  # so that every process makes the same number of batches
+  dataset = grain.MapDataset.source(source).seed(seed)
+  if train:
+    dataset = dataset.shuffle().repeat(num_epochs).map(decode_image).random_map(TrainCrop(image_size))
+    if num_epochs is not None:
+      dataset = dataset[:len(dataset) // examples_per_step * examples_per_step]
+  else:
+    padding = grain.MapDataset.range(-len(dataset) % examples_per_step).map(_padding)
+    dataset = grain.MapDataset.concatenate([dataset.map(decode_image), padding]).map(CentreCrop(image_size))
+  dataset = dataset[shard_index::num_shards].map(to_model_input).batch(batch_size, drop_remainder=True)
+  dataset = dataset.to_iter_dataset(READ_OPTIONS)
+  if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's worker start-up reads absl flags, also outside an absl app
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return dataset

@@ -1,0 +1,1 @@
+"""Training: mesh, state, the jitted step, checkpoints and the loop."""

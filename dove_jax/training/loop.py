@@ -1,0 +1,255 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, top to bottom.
+
+Sections: config check, devices, data, model, state and checkpoint, step, loop. Re-running the same command
+resumes from the latest checkpoint in `workdir` (parameters, both optimizers, the EOS threshold buffer,
+the step, the RNG and the input iterator's position).
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dove_jax import losses
+from dove_jax.convert.pretrained import load_pretrained
+from dove_jax.data import pipeline
+from dove_jax.models.discriminator import PatchDiscriminator
+from dove_jax.models.dove import DOVE
+from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
+from dove_jax.training.step import make_train_step
+from dove_jax.weights import load_weights
+
+DATA_SOURCES = ("builtin", "tfds", "folder")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Values a typo could break, checked before any compute (unknown keys already fail: the config is locked)."""
+  choices = {"data.source": (config.data.source, DATA_SOURCES),
+             "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
+             "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
+             "model.dtype": (config.model.dtype, ("", "float32", "bfloat16"))}
+  for field, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"config.{field} = {value!r}; expected one of {allowed}")
+  if config.data.global_batch_size % jax.device_count():
+    raise ValueError(f"config.data.global_batch_size = {config.data.global_batch_size} is not a multiple of "
+                     f"the {jax.device_count()} devices")
+  if config.data.source == "folder" and not config.data.folder:
+    raise ValueError("config.data.source = 'folder' needs config.data.folder")
+
+
+def data_sources(config: ml_collections.ConfigDict):
+  """(train, eval) random-access sources for the configured data set."""
+  from dove_jax.data import builtin, sources
+  data = config.data
+  data_dir = str(Path(data.data_dir).expanduser())
+  if data.source == "builtin":
+    return builtin.load_builtin(config.model.image_size, data_dir)
+  if data.source == "tfds":
+    return (sources.tfds_source(data.name, data.train_split, data_dir),
+            sources.tfds_source(data.name, data.eval_split, data_dir))
+  folder = sources.ImageFolderSource(data.folder)
+  return folder, folder
+
+
+def build_model(config: ml_collections.ConfigDict) -> DOVE:
+  """DOVE from the config, initialised from the configured pretrained weights (if any)."""
+  model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
+  if config.init.weights:
+    logging.info("%s", load_weights(model, config.init.weights))
+  for report in load_pretrained(model, vqgan=config.init.vqgan, pythia=config.init.pythia):
+    logging.info("%s", report)
+  return model
+
+
+class StopRequest:
+  """SIGTERM sets a flag the loop reads between steps: save, then exit cleanly (no host sync to poll it)."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+
+LOSS_TERMS = ("loss", "rec", "mse", "lpips", "gan", "eos", "vq", "disc", "grad_norm")
+
+
+def check_finite(metrics: dict, step: int, last_good: int | None) -> None:
+  """Stops the run at the first non-finite loss term, naming it (the EOS threshold is -inf by design
+  until the first step is recorded, so only loss terms are checked)."""
+  for name in LOSS_TERMS:
+    value = metrics.get(name)
+    if value is not None and not np.all(np.isfinite(value)):
+      raise FloatingPointError(f"step {step}: loss term {name!r} is {value}; stopping. The last good checkpoint "
+                               f"is step {last_good} (checkpoints are only written while the loss is finite)")
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+  """Rows of [N, H, W, 3] images in [-1, 1] -> one uint8 [N*H, cols*W, 3] picture (a row per image)."""
+  columns = np.concatenate(rows, axis=2)  # [N, H, cols*W, 3]
+  grid = columns.reshape(-1, *columns.shape[2:])
+  return np.clip((grid + 1) * 127.5, 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+  state: statelib.TrainState  # placed on the mesh
+  shardings: object  # a NamedSharding per state array
+  train_step: object  # jitted (state, global batch, lpips) -> (state, metrics), state donated
+  model_def: nnx.GraphDef
+  lpips: object  # perceptual.LPIPS on every device, or None when its loss weight is 0
+
+
+def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> TrainingSetup:
+  """The initial train state on `mesh` and the compiled step, from the config alone (no data, no workdir)."""
+  from dove_jax.perceptual import load_lpips
+  model_def, params = nnx.split(build_model(config))
+  disc_def, disc_params = nnx.split(PatchDiscriminator(base_channels=config.discriminator.base_channels,
+                                                       num_layers=config.discriminator.num_layers,
+                                                       rngs=nnx.Rngs(config.seed + 1)))
+  optim = config.optim
+  learning_rate = statelib.learning_rate_schedule(optim.learning_rate, optim.warmup_steps, num_steps)
+  tx = statelib.optimizer(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                          grad_clip=optim.grad_clip, frozen=tuple(optim.freeze), params=params)
+  disc_tx = statelib.optimizer(optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0,
+                               grad_clip=optim.grad_clip)
+  state = statelib.create_state(params, disc_params, tx, disc_tx,
+                                threshold_window=config.loss.threshold_window, seed=config.seed)
+  shardings = meshlib.state_shardings(mesh, state)
+  step = jax.jit(make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
+                 in_shardings=(shardings, meshlib.batch_sharding(mesh), None), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  lpips = jax.device_put(load_lpips(), meshlib.replicated(mesh)) if config.loss.lpips_weight else None
+  return TrainingSetup(jax.device_put(state, shardings), shardings, step, model_def, lpips)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains (or resumes) DOVE as `config` says, writing checkpoints and metrics under `workdir`.
+  Returns the last logged metrics."""
+  from clu import metric_writers, periodic_actions
+
+  workdir = Path(workdir)
+  # ---------------------------------------------------------------------------- devices and config
+  meshlib.maybe_initialize_distributed()
+  check_config(config)
+  mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+  # ---------------------------------------------------------------------------- data
+  train_source, eval_source = data_sources(config)
+  batch_size = config.data.global_batch_size
+  steps_per_epoch = max(len(train_source) // batch_size, 1)
+  num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+  train_iter = iter(pipeline.make_dataset(
+      train_source, image_size=config.model.image_size, global_batch_size=batch_size, seed=config.seed,
+      train=True, worker_count=config.data.worker_count))
+
+  # ---------------------------------------------------------------------------- model, state, step
+  setup = build_training(config, mesh, num_steps)
+  state = setup.state
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=config.train.checkpoint_every,
+                                 keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    logging.info("resuming from step %d", ckpt.latest_step())
+    state = ckpt.restore(checkpoint.abstract_like(state, setup.shardings), train_iter)
+  evaluator = Evaluator(config, setup.model_def, eval_source)
+
+  # ---------------------------------------------------------------------------- loop
+  first_step = int(jax.device_get(state.step))
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  stop = StopRequest()
+  invalid_in_epoch = 0
+  metrics = {}
+  logging.info("training steps %d..%d (%d per epoch), %d devices", first_step, num_steps, steps_per_epoch,
+               jax.device_count())
+  for step in range(first_step + 1, num_steps + 1):
+    batch = next(train_iter)
+    invalid_in_epoch += int(np.sum(~np.asarray(batch["valid"])))  # on the host already: no sync
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, step_metrics = setup.train_step(state, meshlib.global_batch(batch, mesh), setup.lpips)
+    report(step)
+    last = step == num_steps or stop.requested
+    if step % config.train.log_every == 0 or last:
+      metrics = jax.device_get(step_metrics)
+      check_finite(metrics, step, ckpt.latest_step())
+      writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+    if step % steps_per_epoch == 0:
+      if invalid_in_epoch:
+        logging.warning("epoch %d: %d unreadable images skipped", step // steps_per_epoch, invalid_in_epoch)
+      writer.write_scalars(step, {"data/skipped_images": invalid_in_epoch})
+      invalid_in_epoch = 0
+    if step % config.train.eval_every == 0 or last:
+      writer.write_scalars(step, evaluator.metrics(state.params))
+    if step % config.train.image_every == 0 or last:
+      writer.write_images(step, {"reconstructions": evaluator.image_grid(state.params)[None]})
+    if step % config.train.checkpoint_every == 0 or last or ckpt.reached_preemption(step):
+      check_finite({"loss": jax.device_get(step_metrics["loss"])}, step, ckpt.latest_step())
+      ckpt.save(step, state, train_iter, force=True)
+    if stop.requested:
+      break
+  ckpt.close()
+  writer.flush()
+  return metrics
+
+
+class Evaluator:
+  """Validation figures during training: MSE at the model's own lengths, lengths against complexity, and
+  a picture of inputs and reconstructions at a few budgets."""
+
+  def __init__(self, config, model_def: nnx.GraphDef, eval_source):
+    self.config = config
+    self.max_tokens = config.model.max_tokens
+    dataset = pipeline.make_dataset(eval_source, image_size=config.model.image_size,
+                                    global_batch_size=config.data.global_batch_size, seed=config.seed,
+                                    train=False)
+    batches = []
+    for batch in dataset:
+      batches.append(batch)
+      if len(batches) == config.train.eval_batches:
+        break
+    self.batches = batches  # the same images every time, so the curves compare
+
+    @jax.jit
+    def reconstruct(params, images, budget):
+      model = nnx.merge(model_def, params)
+      tokens = model.encode(images, budget)
+      return model.decode(tokens), tokens.lengths
+
+    self.reconstruct = reconstruct
+
+  def metrics(self, params) -> dict:
+    from scipy import stats
+    mse, lengths, complexity = [], [], []
+    for batch in self.batches:
+      images = jnp.asarray(batch["image"])
+      recon, length = self.reconstruct(params, images, jnp.zeros(images.shape[0], jnp.int32))
+      keep = np.asarray(batch["valid"])
+      mse.append(np.asarray(losses.mse_per_image(recon, images))[keep])
+      lengths.append(np.asarray(length)[keep])
+      complexity.append(np.asarray(batch["complexity"])[keep])
+    mse, lengths, complexity = map(np.concatenate, (mse, lengths, complexity))
+    spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
+    return {"eval/mse": float(mse.mean()), "eval/length_mean": float(lengths.mean()),
+            "eval/length_std": float(lengths.std()), "eval/length_complexity_spearman": float(spearman)}
+
+  def image_grid(self, params, count: int = 4) -> np.ndarray:
+    images = jnp.asarray(self.batches[0]["image"][:count])
+    budgets = [0, self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
+    rows = [np.asarray(images)]
+    for budget in budgets:
+      recon, _ = self.reconstruct(params, images, jnp.full((images.shape[0],), budget, jnp.int32))
+      rows.append(np.asarray(recon))
+    return image_grid(rows)

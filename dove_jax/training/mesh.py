@@ -1,0 +1,68 @@
+"""Devices: one mesh over every device of every host, a data axis and an fsdp axis.
+
+Batches are split over both axes (fsdp is data parallel too); parameters and optimizer moments are split
+over `fsdp` along their largest divisible dimension and replicated over `data`. XLA inserts the collectives.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+MIN_SHARDED_SIZE = 2 ** 14  # smaller arrays are cheaper replicated than gathered
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when the environment describes several hosts (a coordinator address, or a
+  cluster JAX detects: SLURM, Open MPI, Cloud TPU); a single host needs nothing."""
+  if jax.distributed.is_initialized():
+    return
+  markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+  if any(os.environ.get(m) for m in markers):
+    jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all); one of the sizes may be -1 for 'the rest'."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if data == -1:
+    data = devices.size // fsdp
+  elif fsdp == -1:
+    fsdp = devices.size // data
+  if data * fsdp != devices.size:
+    raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} != {devices.size} devices")
+  # Auto axes: the compiler propagates shardings (Explicit axes reject this data-parallel backward pass).
+  return Mesh(devices.reshape(data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """Shards the largest dimension divisible by the fsdp size, if the array is worth it."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+  """A NamedSharding for every array of a (train-state) pytree."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract_state)
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """This process's share of the batch -> global arrays split over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

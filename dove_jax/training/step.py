@@ -1,0 +1,99 @@
+"""The train step: one pure function of (state, batch) under jax.jit, with the state donated.
+
+Per image: L_rec = mse_w * MSE + lpips_w * LPIPS + gan_w * GAN, L_eos from the dynamic threshold, and
+L = rec_w * L_rec + lambda_eos(step) * L_eos, averaged over the valid images of the batch (a corrupt input
+file arrives with valid=False and weight 0). A fraction of the images is reconstructed at a random forced
+length so that every budget learns to reconstruct; the EOS loss only sees the images at their own length.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dove_jax import losses
+from dove_jax.models import eos
+from dove_jax.training.state import TrainState
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float) -> jax.Array:
+  """[B] int32: a random length in 1..n for about `fraction` of the images, 0 (= predicted) for the rest."""
+  pick, length = jax.random.split(rng)
+  forced = jax.random.uniform(pick, (batch,)) < fraction
+  return jnp.where(forced, jax.random.randint(length, (batch,), 1, max_tokens + 1), 0).astype(jnp.int32)
+
+
+def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx: optax.GradientTransformation,
+                    disc_tx: optax.GradientTransformation, learning_rate: optax.Schedule):
+  """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
+
+  `lpips` is a `perceptual.LPIPS` (its weights travel as an argument, not as compiled-in constants), or
+  None when the LPIPS weight is 0.
+  """
+  loss_cfg = config.loss
+  eos_weight = losses.eos_weight_schedule(start=loss_cfg.eos_weight_start, end=loss_cfg.eos_weight_end,
+                                          warmup_steps=loss_cfg.eos_weight_steps, kind=loss_cfg.eos_weight_kind)
+  max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
+
+  def train_step(state: TrainState, batch: dict, lpips) -> tuple[TrainState, dict]:
+    images = batch["image"]  # [B, H, W, 3] in [-1, 1]
+    valid = batch["valid"].astype(jnp.float32)  # [B]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction)
+    own_length = (budget == 0).astype(jnp.float32) * valid  # the images the EOS loss applies to
+    threshold = losses.threshold_value(state.eos_threshold)
+    gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
+    discriminator = nnx.merge(disc_def, state.disc_params)
+
+    def loss_fn(params):
+      out = nnx.merge(model_def, params)(images, budget)
+      recon = out.reconstruction
+      mse = losses.mse_per_image(recon, images)
+      perceptual = lpips(recon, images) if lpips is not None else jnp.zeros_like(mse)
+      gan = losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on
+      rec = losses.reconstruction_loss(mse, perceptual, gan, mse_weight=loss_cfg.mse_weight,
+                                       lpips_weight=loss_cfg.lpips_weight, gan_weight=loss_cfg.gan_weight)
+      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, rec, threshold)
+      lambda_eos = eos_weight(state.step)
+      total = (loss_cfg.rec_weight * weighted_mean(rec, valid)
+               + lambda_eos * jnp.sum(l_eos * own_length) / jnp.maximum(jnp.sum(valid), 1.0))
+      vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
+      total = total + loss_cfg.vq_weight * vq_loss
+      _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
+      terms = dict(loss=total, rec=weighted_mean(rec, valid), mse=weighted_mean(mse, valid),
+                   lpips=weighted_mean(perceptual, valid), gan=weighted_mean(gan, valid),
+                   eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos)
+      return total, (terms, recon, predicted)
+
+    (_, (terms, recon, predicted)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def disc_loss_fn(disc_params):
+      disc = nnx.merge(disc_def, disc_params)
+      return losses.discriminator_loss(disc(images), disc(jax.lax.stop_gradient(recon)),
+                                       loss_cfg.gan_kind) * gan_on
+
+    disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
+    disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
+    disc_params = optax.apply_updates(state.disc_params, disc_updates)
+
+    lengths = predicted.astype(jnp.float32)
+    big = jnp.float32(max_tokens + 1)
+    metrics = dict(
+        **terms, disc=disc_loss, eos_threshold=threshold, grad_norm=optax.global_norm(grads),
+        learning_rate=learning_rate(state.step),
+        length_mean=weighted_mean(lengths, valid),
+        length_min=jnp.min(jnp.where(valid > 0, lengths, big)),
+        length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+        disc_opt_state=disc_opt_state,
+        eos_threshold=losses.threshold_update(state.eos_threshold, terms["rec"]))
+    return new_state, metrics
+
+  return train_step

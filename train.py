@@ -1,0 +1,25 @@
+"""Trains DOVE.
+
+  python train.py --config configs/dove.py:tiny --workdir runs/tiny
+  python train.py --config configs/dove.py --workdir runs/dove --config.init.vqgan=... --config.init.pythia=...
+
+Re-running the same command resumes from the latest checkpoint in --workdir. SIGTERM saves and exits.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from dove_jax.training.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the run's config go here")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
