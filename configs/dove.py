@@ -79,6 +79,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.optim.b2 = 0.99
   config.optim.grad_clip = 1.0
   config.optim.freeze = ()  # parameter path prefixes left untouched, e.g. ("vqgan",)
+  # Only L_eos reaches the EOS head; with SGD (not Adam) its steps scale with lambda_eos. 0 = AdamW like the rest.
+  config.optim.eos_head_learning_rate = 1.0
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 20  # the paper: 20 epochs of ImageNet-1K
@@ -97,8 +99,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   if preset == "tiny":
     config.model.image_size = 64
-    config.model.vqgan = dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=16,
-                              num_vq_embeddings=512, vq_embed_dim=16, norm_num_groups=16,
+    # Narrow at full resolution: XLA's CPU convolutions are slow on few channels at 64 x 64.
+    config.model.vqgan = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=16,
+                              num_vq_embeddings=512, vq_embed_dim=16, norm_num_groups=8,
                               mid_block_attention=False)
     config.model.generator = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.decoder = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
@@ -106,7 +109,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.data.source = "builtin"
     config.data.name = "dove_shapes"
     config.data.data_dir = "data"
-    config.data.global_batch_size = 16
+    config.data.global_batch_size = 8
     config.data.worker_count = 0
     config.loss.eos_weight_steps = 300
     config.loss.eos_weight_end = 1e-1

@@ -161,3 +161,25 @@ def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir):
   for name in ("train/rec", "train/lpips", "train/eos", "train/length_mean", "train/eos_threshold",
                "train/lambda_eos", "train/grad_norm", "train/learning_rate", "eval/mse"):
     assert name in result.stderr, f"{name} not logged"
+
+
+def test_optimizer_groups_frozen_sgd_and_adamw():
+  """Frozen parts do not move; the SGD part moves in proportion to its (tiny) gradient; AdamW parts move by
+  about the learning rate whatever the gradient's scale."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from dove_jax.models.dove import DOVE
+  from dove_jax.training.state import optimizer, param_path
+  from test_dove import TINY
+
+  _, params = nnx.split(DOVE(**TINY, rngs=nnx.Rngs(0)))
+  tx = optimizer(1e-3, b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=1e9, frozen=("vqgan",),
+                 sgd={"generator/eos_head": 0.5}, params=params)
+  grads = jax.tree.map(lambda p: np.full(p.shape, 1e-6, np.float32), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {param_path(path): float(np.abs(u).max())
+           for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert all(v == 0 for k, v in moved.items() if k.startswith("vqgan/"))
+  np.testing.assert_allclose(moved["generator/eos_head/bias"], 0.5e-6, rtol=1e-5)
+  assert 5e-4 < moved["generator/transformer/layers/0/qkv/kernel"] < 2e-3

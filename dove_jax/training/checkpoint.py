@@ -10,6 +10,9 @@ from pathlib import Path
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from dove_jax.convert.common import ConversionReport, Source, fill_params, param_dict
 
 
 class Checkpointer:
@@ -46,3 +49,23 @@ class Checkpointer:
 def abstract_like(state, shardings):
   """ShapeDtypeStructs with the target shardings: restore places every array directly where it belongs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int | None = None,
+                           item: str = "params") -> tuple[int, ConversionReport]:
+  """Loads the model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
+  `directory` into `model`, e.g. for evaluation. A checkpoint of another config fails naming every
+  parameter that differs, with both shapes. Returns the step and the report."""
+  from dove_jax.training.state import param_path
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint folder {directory}")
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not steps or (step is not None and step not in steps):
+    wanted = "any checkpoint" if step is None else f"checkpoint {step}"
+    raise FileNotFoundError(f"{wanted} not found in {directory} (steps there: {steps})")
+  step = steps[-1] if step is None else step
+  restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
+  tensors = {param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  source = Source(tensors, f"checkpoint {directory / str(step)}")
+  return step, fill_params(model, {name: source.take(name) for name in param_dict(model)}, source)

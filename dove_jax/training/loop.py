@@ -120,7 +120,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
   optim = config.optim
   learning_rate = statelib.learning_rate_schedule(optim.learning_rate, optim.warmup_steps, num_steps)
   tx = statelib.optimizer(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                          grad_clip=optim.grad_clip, frozen=tuple(optim.freeze), params=params)
+                          grad_clip=optim.grad_clip, frozen=tuple(optim.freeze),
+                          sgd={"generator/eos_head": optim.eos_head_learning_rate}, params=params)
   disc_tx = statelib.optimizer(optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0,
                                grad_clip=optim.grad_clip)
   state = statelib.create_state(params, disc_params, tx, disc_tx,
@@ -175,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   metrics = {}
   logging.info("training steps %d..%d (%d per epoch), %d devices", first_step, num_steps, steps_per_epoch,
                jax.device_count())
+  if first_step == 0:
+    writer.write_scalars(0, evaluator.metrics(state.params))  # where the curves start
   for step in range(first_step + 1, num_steps + 1):
     batch = next(train_iter)
     invalid_in_epoch += int(np.sum(~np.asarray(batch["valid"])))  # on the host already: no sync

@@ -27,15 +27,30 @@ def param_path(path) -> str:
 
 
 def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
-              grad_clip: float, frozen: tuple[str, ...] = (), params=None) -> optax.GradientTransformation:
-  """Clipped AdamW; parameters under a `frozen` path prefix get no update at all (and no moments)."""
+              grad_clip: float, frozen: tuple[str, ...] = (), sgd: dict[str, float] | None = None,
+              params=None) -> optax.GradientTransformation:
+  """Clipped AdamW. Parameters under a `frozen` path prefix get no update at all (and no moments); those
+  under a prefix in `sgd` (prefix -> learning rate) get plain SGD instead.
+
+  SGD is for parts that one down-weighted loss alone reaches, such as the EOS head (only L_eos, scaled by a
+  tiny lambda_eos, trains it): Adam divides every gradient by its own running scale, so their steps would not
+  depend on that weight at all, and the lengths would swing at the full learning rate from the first step.
+  """
   tx = optax.chain(optax.clip_by_global_norm(grad_clip),
                    optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-  if not frozen:
+  sgd = {prefix: lr for prefix, lr in (sgd or {}).items() if lr > 0}
+  if not frozen and not sgd:
     return tx
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if param_path(path).startswith(tuple(frozen)) else "trained", params)
-  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+  def label(path, _):
+    name = param_path(path)
+    if name.startswith(tuple(frozen)):
+      return "frozen"
+    return next((prefix for prefix in sgd if name.startswith(prefix)), "adamw")
+
+  transforms = {"adamw": tx, "frozen": optax.set_to_zero(),
+                **{prefix: optax.sgd(lr) for prefix, lr in sgd.items()}}
+  return optax.multi_transform(transforms, jax.tree_util.tree_map_with_path(label, params))
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
