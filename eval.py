@@ -1,0 +1,71 @@
+"""Evaluates a trained DOVE: quality per token budget, lengths against complexity, linear probe, throughput.
+
+  python eval.py --workdir runs/tiny                                   the run's latest checkpoint and config
+  python eval.py --workdir runs/tiny --step 400 --max_batches 10 --config.data.data_dir=/data/tfds
+  python eval.py --workdir runs/dove --inception pt_inception-2015-12-05-6726825d.pth --budgets 32,64,256
+  python eval.py --workdir runs/paper --config configs/dove.py --weights dove.safetensors
+
+Without --config the run's own config (workdir/config.json) is used, and `--config.x.y=...` overrides its
+fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out).
+"""
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dove_jax.convert.common import ConversionError
+from dove_jax.evaluation import run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run: its checkpoints/ and config.json (required)")
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
+_WEIGHTS = flags.DEFINE_string("weights", None, "evaluate this .safetensors weights file instead of a checkpoint")
+_INCEPTION = flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for rFID")
+_BUDGETS = flags.DEFINE_list("budgets", None, "forced token counts, e.g. 32,64,256 (default: the paper's "
+                             "16..256 up to max_tokens; eighths of max_tokens below 64)")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "validation batches (default: the whole split)")
+_PROBE_BATCHES = flags.DEFINE_integer("probe_train_batches", 100, "train batches the linear probe is fitted on")
+_OUT = flags.DEFINE_string("out", None, "where metrics.json and the plots go (default: workdir/eval)")
+flags.mark_flags_as_required(["workdir"])
+flags.register_validator("budgets", lambda budgets: budgets is None or all(b.isdigit() for b in budgets),
+                         "--budgets takes positive integers separated by commas, e.g. 32,64,256")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Defines --config once --workdir is known, then parses every flag: without --config on the command
+  line, it is the run's own config.json, so that `--config.x.y=...` overrides work on it too."""
+  try:
+    flags.FLAGS(argv, known_only=True)  # reads --workdir; --config and its overrides are not defined yet
+  except flags.Error:
+    pass  # the full parse below reports it
+  if _WORKDIR.value and not any(re.match(r"^--?config(=|$)", arg) for arg in argv[1:]):
+    try:
+      config = run.load_run_config(_WORKDIR.value)
+    except FileNotFoundError as e:
+      sys.exit(f"eval.py: {e}")
+    config_flags.DEFINE_config_dict("config", config, "the run's config (workdir/config.json)")
+  else:
+    config_flags.DEFINE_config_file("config", None, "the config file[:preset] the weights were trained with "
+                                    "(default: workdir/config.json)")
+  flags.FLAGS.unparse_flags()
+  return app.parse_flags_with_usage(argv)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value,
+                           budgets=[int(b) for b in _BUDGETS.value] if _BUDGETS.value else None,
+                           inception=_INCEPTION.value, probe_train_batches=_PROBE_BATCHES.value,
+                           max_batches=_MAX_BATCHES.value, out=_OUT.value)
+  except ConversionError as e:  # the loaders name every parameter that differs, with both shapes
+    sys.exit(f"eval.py: {e}\nThe config must be the one the weights were trained with (without --config, "
+             "eval.py reads workdir/config.json).")
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"eval.py: {e}")
+  print(run.format_summary(results))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,95 @@
+"""eval.py end to end: a 2-step tiny run, evaluated from the command line, and its clean error exits."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(args, timeout=600):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=os.environ)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The built-in 64 px data set, generated once for every command-line run here."""
+  from dove_jax.data.builtin import load_builtin
+  path = tmp_path_factory.mktemp("data")
+  load_builtin(64, str(path))
+  return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+  """A tiny run trained for 2 steps by train.py: a checkpoint and the run's config.json."""
+  workdir = tmp_path_factory.mktemp("run")
+  result = python(["train.py", "--config", "configs/dove.py:tiny", f"--workdir={workdir}",
+                   "--config.train.num_steps=2", f"--config.data.data_dir={data_dir}",
+                   "--config.data.global_batch_size=8", "--config.train.eval_batches=1",
+                   "--config.loss.lpips_weight=0"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
+  from PIL import Image
+  from dove_jax.evaluation import run
+  result = python(["eval.py", f"--workdir={run_dir}", "--max_batches=2", "--probe_train_batches=2",
+                   f"--config.data.data_dir={data_dir}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"throughput: encode [\d.]+ images/s, decode [\d.]+ images/s", result.stdout), result.stdout
+
+  out = run_dir / "eval"
+  results = json.loads((out / "metrics.json").read_text())
+  assert results["model"] == {"checkpoint": str(run_dir / "checkpoints"), "step": 2}
+  assert results["settings"]["num_images"] == 16 and results["settings"]["budgets"] == [16, 32, 64]
+  assert set(results["reconstruction"]) == {"predicted", "16", "32", "64"}
+  for key, figures in results["reconstruction"].items():
+    for name in ("mean_length", "mse", "psnr", "psnr_per_image", "ssim", "lpips"):
+      assert isinstance(figures[name], float), (key, name, figures)
+    assert figures["rfid"] == run.RFID_UNAVAILABLE
+  assert results["reconstruction"]["32"]["mean_length"] == 32.0
+
+  lengths = results["lengths"]
+  assert sum(lengths["histogram"].values()) == 16 and len(lengths["histogram"]) == 64
+  assert set(lengths["spearman"]) == set(lengths["deciles"]) == {"laplacian_variance", "dataset_complexity"}
+  for rho in lengths["spearman"].values():  # undefined (None) where every length is the same
+    assert rho is None or -1 <= rho <= 1
+  deciles = lengths["deciles"]["laplacian_variance"]
+  assert len(deciles) == 10 and sum(d["images"] for d in deciles) == 16
+  assert [d["complexity_min"] for d in deciles] == sorted(d["complexity_min"] for d in deciles)
+
+  probe = results["linear_probe"]
+  assert probe["num_classes"] == 10 and probe["train_images"] == 16 and probe["eval_images"] == 16
+  assert 0 <= probe["accuracy"] <= 1 and 0 <= probe["train_accuracy"] <= 1
+  speed = results["throughput"]
+  assert speed["encode_images_per_s"] > 0 and speed["decode_images_per_s"] > 0
+
+  for name in ("reconstructions", "length_histogram", "complexity_vs_length", "quality_vs_budget"):
+    with Image.open(out / f"{name}.png") as image:
+      image.load()
+      assert image.width > 200 and image.height > 200, (name, image.size)
+
+
+def test_missing_checkpoint_exits_naming_the_folder(run_dir, tmp_path):
+  shutil.copy(run_dir / "config.json", tmp_path / "config.json")  # a run that never saved a checkpoint
+  result = python(["eval.py", f"--workdir={tmp_path}"])
+  assert result.returncode != 0
+  assert f"no checkpoint folder {tmp_path / 'checkpoints'}" in result.stderr, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_config_that_does_not_match_the_checkpoint_names_parameter_and_shapes(run_dir):
+  result = python(["eval.py", f"--workdir={run_dir}", "--config", "configs/dove.py:tiny",
+                   "--config.model.generator.d_model=32"])
+  assert result.returncode != 0
+  assert re.search(r"parameter generator/\S+: checkpoint shape \(\d+(, \d+)*\) != model shape \(\d+(, \d+)*\)",
+                   result.stderr), result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
