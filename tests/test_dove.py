@@ -179,7 +179,8 @@ def test_paper_size_parameter_counts():
   assert counts["vqgan"] == 146_244_675  # diffusers VQModel, aMUSEd config (tests/test_vqgan.py checks it)
   # Pythia-70M without its token embedding: 70,426,624 - 2 x 50,304 x 512 (embed_in, embed_out).
   assert count(paper.generator.transformer) == count(paper.token_decoder.transformer) == 18_915_328
-  assert counts["generator"] - 18_915_328 == 64 * 512 + 512 + 512 + 1  # feature projection + EOS head
+  # feature projection, feature positions (16 x 16 cells), EOS head
+  assert counts["generator"] - 18_915_328 == 64 * 512 + 512 + 256 * 512 + 512 + 1
   assert counts["token_decoder"] - 18_915_328 == 512 * 512 + 512 + 256 * 512 + 512 * 64 + 64
 
 
@@ -194,3 +195,17 @@ def test_remat_gives_the_same_gradients():
   plain, remat = grads(tiny_dove()), grads(tiny_dove(remat=True))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_grid_encoding_tells_every_cell_apart():
+  from dove_jax.models.embeddings import grid_encoding, timestep_encoding
+  enc = grid_encoding(16, 64)  # [256, 64]
+  assert enc.shape == (256, 64)
+  distances = np.linalg.norm(enc[:, None] - enc[None], axis=-1)
+  assert np.min(distances + np.eye(256) * 1e9) > 0.1  # no two cells share an encoding
+  np.testing.assert_allclose(enc[17, :32], enc[16, :32])  # cells 16 and 17 share row 1 ...
+  assert not np.allclose(enc[17, 32:], enc[16, 32:])  # ... but not the column
+  np.testing.assert_allclose(timestep_encoding(3, 4), [[np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)],
+                                                      [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02)],
+                                                      [np.sin(3), np.sin(0.03), np.cos(3), np.cos(0.03)]],
+                             rtol=1e-6)

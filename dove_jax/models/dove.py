@@ -80,10 +80,11 @@ class DOVE(nnx.Module):
     latent_dim = vqgan["vq_embed_dim"]
     generator = dict(_transformer_kwargs(generator), remat=remat)
     self.vqgan = VQGAN(**vqgan, rngs=rngs)
-    self.generator = TokenGenerator(feature_dim=latent_dim, max_tokens=max_tokens, transformer=generator,
-                                    eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)
+    grid_size = image_size // downsample
+    self.generator = TokenGenerator(feature_dim=latent_dim, grid_size=grid_size, max_tokens=max_tokens,
+                                    transformer=generator, eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)
     self.token_decoder = TokenDecoder(token_dim=generator["d_model"], latent_dim=latent_dim,
-                                      grid_size=image_size // downsample,
+                                      grid_size=grid_size,
                                       transformer=dict(_transformer_kwargs(decoder), remat=remat), dtype=dtype,
                                       rngs=rngs)
 

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from dove_jax.models.embeddings import grid_encoding, timestep_encoding
 from dove_jax.models.neox import NeoXTransformer
-
-
-def timestep_encoding(num_slots: int, dim: int, max_period: float = 10_000.0) -> np.ndarray:
-  """Sinusoidal encodings t_1..t_n, one per output slot: [n, dim] (sines then cosines)."""
-  slots = np.arange(1, num_slots + 1, dtype=np.float64)[:, None]  # [n, 1]
-  freqs = np.exp(-np.log(max_period) * np.arange(dim // 2) / (dim // 2))  # [dim/2]
-  angles = slots * freqs[None, :]
-  enc = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-  return np.pad(enc, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
 class TokenGenerator(nnx.Module):
@@ -26,11 +17,13 @@ class TokenGenerator(nnx.Module):
   on how many tokens come after it, which is what lets a shorter sequence be a prefix of a longer one.
   """
 
-  def __init__(self, *, feature_dim: int, max_tokens: int, transformer: dict,
+  def __init__(self, *, feature_dim: int, grid_size: int, max_tokens: int, transformer: dict,
                eos_bias_init: float = -4.0, dtype=None, rngs: nnx.Rngs):
     width = transformer["d_model"]
     self.max_tokens = max_tokens
     self.feature_proj = nnx.Linear(feature_dim, width, dtype=dtype, rngs=rngs)
+    # Where each feature sits on the grid: learned, starting from the 2-D sin-cos encoding.
+    self.feature_positions = nnx.Param(jnp.asarray(grid_encoding(grid_size, width)))  # [P, W]
     self.transformer = NeoXTransformer(**transformer, causal=True, dtype=dtype, rngs=rngs)
     # A negative bias makes EOS rare at first, so training starts from full-length sequences.
     self.eos_head = nnx.Linear(width, 1, bias_init=nnx.initializers.constant(eos_bias_init),
@@ -48,7 +41,7 @@ class TokenGenerator(nnx.Module):
   def inputs(self, features, query=None, query_mask=None):
     """The transformer's input sequence [B, P + Q + n, W], its rotary positions and its key mask."""
     b = features.shape[0]
-    parts = [self.feature_proj(features)]  # [B, P, W]
+    parts = [self.feature_proj(features) + self.feature_positions[...].astype(features.dtype)]  # [B, P, W]
     valid = [jnp.ones(parts[0].shape[:2], bool)]
     if query is not None:
       parts.append(query.astype(parts[0].dtype))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dove_jax.models.embeddings import grid_encoding
 from dove_jax.models.neox import NeoXTransformer
 
 
@@ -20,8 +21,8 @@ class TokenDecoder(nnx.Module):
     width = transformer["d_model"]
     self.grid_size = grid_size
     self.token_proj = nnx.Linear(token_dim, width, dtype=dtype, rngs=rngs)
-    self.latent_queries = nnx.Param(
-        nnx.initializers.normal(0.02)(rngs.params(), (grid_size * grid_size, width)))  # [P, W]
+    # One learned query per latent cell, starting from its 2-D sin-cos position so cells differ from step 0.
+    self.latent_queries = nnx.Param(jnp.asarray(grid_encoding(grid_size, width)))  # [P, W]
     self.transformer = NeoXTransformer(**transformer, causal=False, dtype=dtype, rngs=rngs)
     self.latent_out = nnx.Linear(width, latent_dim, dtype=dtype, rngs=rngs)
 
