@@ -183,3 +183,11 @@ def test_optimizer_groups_frozen_sgd_and_adamw():
   assert all(v == 0 for k, v in moved.items() if k.startswith("vqgan/"))
   np.testing.assert_allclose(moved["generator/eos_head/bias"], 0.5e-6, rtol=1e-5)
   assert 5e-4 < moved["generator/transformer/layers/0/qkv/kernel"] < 2e-3
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_the_term():
+  import numpy as np
+  from dove_jax.training.loop import check_finite
+  check_finite({"loss": np.float32(1.0), "eos_threshold": np.float32(-np.inf)}, 7, 5)  # -inf threshold is fine
+  with pytest.raises(FloatingPointError, match=r"step 12: loss term 'lpips' is nan; .* last good checkpoint is step 10"):
+    check_finite({"loss": np.float32(1.0), "lpips": np.float32(np.nan)}, 12, 10)
