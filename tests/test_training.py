@@ -31,7 +31,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     config = dove.get_config("tiny")
     config.data.global_batch_size = 8
     config.loss.lpips_weight = 0.0  # the perceptual net adds compile time, not sharding logic
-    config.optim.warmup_steps = 1  # the second step moves parameters by the full learning rate
+    config.optim.warmup_steps = 1  # the second step moves parameters by the full learning rate (3e-4)
 
     def run(mesh):
       setup = build_training(config, mesh, num_steps=10)
@@ -64,7 +64,7 @@ def test_one_device_and_eight_devices_give_the_same_steps():
   for name, diff in figures.items():
     assert diff["loss_diff"] <= 1e-5, (name, diff)
     assert diff["param_diff"] <= 1e-5, (name, diff)
-    assert diff["change"] > 5e-4 and diff["ref_change"] > 5e-4, "the steps should move the parameters"
+    assert diff["change"] > 1e-4 and diff["ref_change"] > 1e-4, "the steps should move the parameters"
 
 
 def test_config_typo_fails_before_any_compute(tmp_path):
