@@ -37,6 +37,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.init.vqgan = ""  # a diffusers VQModel folder or .safetensors/.bin file
   config.init.pythia = ""  # a Hugging Face GPT-NeoX folder (Pythia-70M for the paper model)
   config.init.weights = ""  # or a whole-model .safetensors from `python -m dove_jax.convert`
+  config.init.checkpoint = ""  # or a training run's workdir: its latest parameters (applied last)
 
   # Input. source: "builtin" (generated locally), "tfds" (a data set prepared under data_dir) or "folder".
   config.data = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """The losses of DOVE training (DOVE.md, Training): L_rec per image, the EOS length loss with its dynamic
-threshold, the lambda_eos schedule and the patch-GAN losses.
+threshold, the lambda_eos schedule and the patch-GAN losses; and Q-DOVE's per-box and outside-box terms
+(L_qry = mean over the query's boxes of L_rec on each box's crop + lambda_o * MSE outside every box).
 
 Every function is pure, with static shapes and no Python branch on array values, so all of them trace once
 inside a jitted train step. Losses are per image ([B]) where the paper's formula is per image; the train step
@@ -133,3 +134,21 @@ def gan_active(step: jax.Array | int, start_step: jax.Array | int) -> jax.Array:
   """[] float32 1.0 from `start_step` on, 0.0 before: taming's adopt_weight as a traced select, so the GAN
   terms (multiplied by it) switch on inside the compiled step, with no Python branch and no recompile."""
   return jnp.where(jnp.asarray(step) >= start_step, 1.0, 0.0).astype(jnp.float32)
+
+
+def mean_over_boxes(per_box: jax.Array, box_mask: jax.Array) -> jax.Array:
+  """[B, K] per-box losses -> [B]: their mean over each image's valid boxes (0 where it has none)."""
+  weights = box_mask.astype(jnp.float32)
+  return jnp.sum(per_box * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def outside_mse(x: jax.Array, y: jax.Array, inside: jax.Array) -> jax.Array:
+  """[B, H, W, C] x2 and [B, H, W] bool -> [B]: MSE over the pixels outside `inside` (0 where none is).
+
+  Q-DOVE's irrelevant-region term; the paper weights it by lambda_o = 1e-10, so the image outside the
+  query's boxes is kept only as far as it costs the relevant region nothing.
+  """
+  outside = (~inside).astype(jnp.float32)[..., None]  # [B, H, W, 1]
+  squared = jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)) * outside
+  count = jnp.sum(outside, axis=(1, 2, 3)) * x.shape[-1]
+  return jnp.sum(squared, axis=(1, 2, 3)) / jnp.maximum(count, 1.0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from dove_jax.convert.common import ConversionReport, Source, fill_params, param_dict, read_tensors
+from dove_jax.convert.common import ConversionReport, Source, fill_by_path, param_dict, read_tensors
 
 
 def save_weights(model: nnx.Module, path: str | Path) -> None:
@@ -20,6 +20,6 @@ def save_weights(model: nnx.Module, path: str | Path) -> None:
             metadata={"format": "dove-jax"})
 
 
-def load_weights(model: nnx.Module, path: str | Path) -> ConversionReport:
-  source = Source(read_tensors(path), str(path))
-  return fill_params(model, {name: source.take(name) for name in param_dict(model)}, source)
+def load_weights(model: nnx.Module, path: str | Path, optional: tuple[str, ...] = ()) -> ConversionReport:
+  """Every parameter of `model` from the file; those under an `optional` prefix may be missing there."""
+  return fill_by_path(model, Source(read_tensors(path), str(path)), optional)

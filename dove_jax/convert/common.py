@@ -110,20 +110,23 @@ def param_dict(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], source: Source,
-                ignorable: Mapping[str, str] = {}, *, prefix: str = "") -> ConversionReport:
+                ignorable: Mapping[str, str] = {}, *, prefix: str = "",
+                optional: tuple[str, ...] = ()) -> ConversionReport:
   """Copies `values` into `module`'s parameters after checking all of them.
 
   `values` maps parameter paths (relative to `module`) to arrays; None marks a tensor the source lacked.
-  `ignorable` maps source keys that may stay unused to the reason why. Raises ConversionError naming every
-  shape mismatch (with both shapes), every parameter with no value, every value with no parameter and every
-  unused source key that is not ignorable; on error the module is left untouched.
+  `ignorable` maps source keys that may stay unused to the reason why. Parameters under an `optional` path
+  prefix may get no value: they keep theirs. Raises ConversionError naming every shape mismatch (with both
+  shapes), every other parameter with no value, every value with no parameter and every unused source key
+  that is not ignorable; on error the module is left untouched.
   """
   params = param_dict(module)
   problems = []
   for name in sorted(set(values) - set(params)):
     problems.append(f"converted tensor {prefix}{name} has no parameter in the model")
   for name in sorted(set(params) - set(values)):
-    problems.append(f"model parameter {prefix}{name} gets no value from the checkpoint")
+    if not name.startswith(optional):
+      problems.append(f"model parameter {prefix}{name} gets no value from the checkpoint")
   problems += [f"checkpoint lacks {key} (needed by the model)" for key in source.missing]
   for name, value in sorted(values.items()):
     if name in params and value is not None and tuple(value.shape) != tuple(params[name].shape):
@@ -138,6 +141,14 @@ def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], sou
     var[...] = np.asarray(value, dtype=var.dtype)
   ignored = {k: why for k in source.unused() for pat, why in ignorable.items() if _matches(k, pat)}
   return ConversionReport(source.origin, len(values), ignored)
+
+
+def fill_by_path(module: nnx.Module, source: Source, optional: tuple[str, ...] = ()) -> ConversionReport:
+  """Fills `module` from a source keyed by our own parameter paths (a weights file, a checkpoint);
+  parameters under an `optional` prefix that the source lacks keep their values."""
+  values = {name: source.take(name) for name in param_dict(module)
+            if name in source.tensors or not name.startswith(optional)}
+  return fill_params(module, values, source, optional=optional)
 
 
 def _matches(key: str, pattern: str) -> bool:

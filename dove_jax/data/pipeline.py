@@ -4,6 +4,7 @@
   iterator = iter(dataset)      # a grain DatasetIterator
   batch = next(iterator)        # this process's share of the global batch:
   # image float32 [b, S, S, 3] in [-1, 1], label int32 [b], valid bool [b], complexity float32 [b]
+  # and with query=queries.SelectQuery(...) (Q-DOVE): query_ids, query_mask, boxes, box_mask (queries.py)
 
 An image that cannot be decoded does not stop training: it becomes a black image with valid=False (and a
 warning naming its path), so shapes stay static and the loss can weight it out; evaluation pads its last
@@ -23,6 +24,7 @@ exactly the next batch. With Orbax, save it beside the train state in one compos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 
 import grain
@@ -30,6 +32,9 @@ import jax
 import numpy as np
 from absl import flags, logging
 from PIL import Image
+
+from dove_jax import boxes as boxlib
+from dove_jax.data import queries
 
 # Elements read ahead are whole batches, so a few suffice (the default of 500 would hold gigabytes).
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -57,18 +62,24 @@ def decode_bytes(image_bytes: bytes) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode_image(record: dict) -> dict:
+def decode_image(record: dict, with_regions: bool = False) -> dict:
   """A TFDS record (decoded `image` array) or a folder record (`image_bytes`) -> {image uint8 [H, W, 3],
-  label int32, valid bool, complexity float32 (0 where the source has none)}. Never raises on bad data."""
+  label int32, valid bool, complexity float32 (0 where the source has none)}; `with_regions` keeps the
+  record's descriptions and boxes for the query step. Never raises on a bad image; a bad region (an empty
+  text, a box outside the image) raises ValueError naming the record, since it is the data set's bug."""
+  where = record.get("path", "a record")
+  found = queries.regions(record, where) if with_regions else None
   try:
     image = as_rgb(record["image"]) if "image" in record else decode_bytes(record["image_bytes"])
   except Exception as e:  # pylint: disable=broad-except
     # Pillow reports broken files as OSError, SyntaxError, ValueError, ...: any of them only skips the image.
-    logging.warning("unreadable image %s (%s: %s); it is marked valid=False", record.get("path", "<record>"),
-                    type(e).__name__, e)
+    logging.warning("unreadable image %s (%s: %s); it is marked valid=False", where, type(e).__name__, e)
     return invalid_example()
-  return {"image": image, "label": np.int32(record.get("label", 0)), "valid": np.bool_(True),
-          "complexity": np.float32(record.get("complexity", 0))}
+  example = {"image": image, "label": np.int32(record.get("label", 0)), "valid": np.bool_(True),
+             "complexity": np.float32(record.get("complexity", 0))}
+  if found:
+    example["descriptions"], example["boxes"] = found
+  return example
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -82,8 +93,21 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.BILINEAR))
 
 
-def crop(image: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
-  return image[top:top + size, left:left + size]
+def crop(example: dict, size: int, top: int, left: int) -> dict:
+  """The `size` x `size` crop at (top, left) of the (resized) image, with its boxes, if any, moved along."""
+  image = example["image"]
+  cropped = {**example, "image": image[top:top + size, left:left + size]}
+  if "boxes" in example:
+    cropped["boxes"] = boxlib.crop_boxes_np(example["boxes"], *image.shape[:2], top, left, size)
+  return cropped
+
+
+def flip(example: dict) -> dict:
+  """Mirrors the image (and its boxes) left-right."""
+  flipped = {**example, "image": example["image"][:, ::-1]}
+  if "boxes" in example:
+    flipped["boxes"] = boxlib.flip_boxes_np(example["boxes"])
+  return flipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +116,10 @@ class TrainCrop(grain.transforms.RandomMap):
   size: int
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-    image = resize_shorter_side(example["image"], self.size)
-    height, width = image.shape[:2]
-    image = crop(image, self.size, rng.integers(height - self.size + 1), rng.integers(width - self.size + 1))
-    if rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {**example, "image": image}
+    example = {**example, "image": resize_shorter_side(example["image"], self.size)}
+    height, width = example["image"].shape[:2]
+    example = crop(example, self.size, rng.integers(height - self.size + 1), rng.integers(width - self.size + 1))
+    return flip(example) if rng.random() < 0.5 else example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +128,9 @@ class CentreCrop(grain.transforms.Map):
   size: int
 
   def map(self, example: dict) -> dict:
-    image = resize_shorter_side(example["image"], self.size)
-    height, width = image.shape[:2]
-    return {**example, "image": crop(image, self.size, (height - self.size) // 2, (width - self.size) // 2)}
+    example = {**example, "image": resize_shorter_side(example["image"], self.size)}
+    height, width = example["image"].shape[:2]
+    return crop(example, self.size, (height - self.size) // 2, (width - self.size) // 2)
 
 
 def to_model_input(example: dict) -> dict:
@@ -122,7 +144,7 @@ def _padding(_) -> dict:
 
 def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool,
                  num_epochs: int | None = None, worker_count: int = 0,
-                 shard_by_process: bool = True) -> grain.IterDataset:
+                 shard_by_process: bool = True, query: queries.SelectQuery | None = None) -> grain.IterDataset:
   """Batches of this process's share of `source` (see the module doc for the keys).
 
   Args:
@@ -139,6 +161,7 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
     worker_count: processes that decode and augment; 0 does it in this process (same batches either way).
     shard_by_process: each JAX process reads every process_count-th example (of the shuffled order, so all
       processes together see each example once per epoch). False: every process reads everything.
+    query: for Q-DOVE, the step that turns each cropped example's regions into a padded query and boxes.
   """
   if global_batch_size % jax.process_count():
     raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of the "
@@ -147,13 +170,16 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
   num_shards, shard_index = (jax.process_count(), jax.process_index()) if shard_by_process else (1, 0)
   examples_per_step = batch_size * num_shards  # so that every process makes the same number of batches
   dataset = grain.MapDataset.source(source).seed(seed)
+  decode = functools.partial(decode_image, with_regions=query is not None)
   if train:
-    dataset = dataset.shuffle().repeat(num_epochs).map(decode_image).random_map(TrainCrop(image_size))
+    dataset = dataset.shuffle().repeat(num_epochs).map(decode).random_map(TrainCrop(image_size))
     if num_epochs is not None:
       dataset = dataset[:len(dataset) // examples_per_step * examples_per_step]
   else:
     padding = grain.MapDataset.range(-len(dataset) % examples_per_step).map(_padding)
-    dataset = grain.MapDataset.concatenate([dataset.map(decode_image), padding]).map(CentreCrop(image_size))
+    dataset = grain.MapDataset.concatenate([dataset.map(decode), padding]).map(CentreCrop(image_size))
+  if query is not None:
+    dataset = dataset.random_map(query)
   dataset = dataset[shard_index::num_shards].map(to_model_input).batch(batch_size, drop_remainder=True)
   dataset = dataset.to_iter_dataset(READ_OPTIONS)
   if worker_count:

@@ -75,3 +75,29 @@ class ImageFolderSource:
 
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={str(self.root)!r}, images={len(self)}, classes={len(self.classes)})"
+
+
+class Slice:
+  """Records start..stop of a random-access source, as a source of its own."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {self!r}")
+    return self.source[self.start + index]
+
+  def __repr__(self) -> str:
+    return f"Slice({self.source!r}, {self.start}, {self.stop})"
+
+
+def split_off(source, eval_size: int) -> tuple[Slice, Slice]:
+  """(train, eval): the last `eval_size` records are held out for evaluation (for a set with one split)."""
+  if not 0 < eval_size < len(source):
+    raise ValueError(f"config.data.eval_size = {eval_size}; expected 1..{len(source) - 1} for {source!r}")
+  cut = len(source) - eval_size
+  return Slice(source, 0, cut), Slice(source, cut, len(source))

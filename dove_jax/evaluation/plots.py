@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 PREDICTED = "predicted"  # the key of the figures at the model's own lengths (also run.py's)
+NO_QUERY = "no_query"  # Q-DOVE at its own lengths with the query left out
 
 
 def _pyplot():
@@ -26,7 +27,7 @@ def _save(figure, path: str | Path) -> None:
 
 
 def _column_title(key: str) -> str:
-  return "predicted length" if key == PREDICTED else f"budget {key}"
+  return {PREDICTED: "predicted length", NO_QUERY: "no query"}.get(key, f"budget {key}")
 
 
 def reconstructions(inputs: np.ndarray, images: dict[str, np.ndarray], lengths: dict[str, np.ndarray],
@@ -87,7 +88,7 @@ def quality_vs_budget(reconstruction: dict[str, dict], path: str | Path) -> None
   `reconstruction` figures (keys: PREDICTED and budgets as strings); the predicted lengths are a star at
   their mean length."""
   plt = _pyplot()
-  budgets = [key for key in reconstruction if key != PREDICTED]
+  budgets = [key for key in reconstruction if key not in (PREDICTED, NO_QUERY)]
   names = ["psnr", "ssim", "lpips"]
   if all(isinstance(figures["rfid"], float) for figures in reconstruction.values()):
     names.append("rfid")
@@ -100,4 +101,31 @@ def quality_vs_budget(reconstruction: dict[str, dict], path: str | Path) -> None
     axis.set_title({"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}[name])
     axis.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
+  _save(figure, path)
+
+
+def query_examples(inputs: np.ndarray, texts: list[str], boxes: list[np.ndarray],
+                   reconstructions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path) -> None:
+  """Q-DOVE: a row per image: the input with its query's boxes drawn and the query as the title, then each
+  reconstruction (key -> (images [N, H, W, 3], lengths [N], PSNR inside the boxes [N])) with the same boxes.
+  inputs [N, H, W, 3] in [-1, 1]; boxes[i] [K_i, 4] (ymin, xmin, ymax, xmax) in [0, 1]; an empty query
+  ('' and no box) is the whole image."""
+  from matplotlib.patches import Rectangle
+  plt = _pyplot()
+  rows, columns = len(inputs), 1 + len(reconstructions)
+  figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows + 0.3), squeeze=False)
+  for row in range(rows):
+    height, width = inputs[row].shape[:2]
+    cells = [(inputs[row], f"\"{texts[row]}\"" if texts[row] else "(no query)")]
+    cells += [(images[row], f"{_column_title(key)}: {lengths[row]} tokens\n{psnr[row]:.1f} dB in box")
+              for key, (images, lengths, psnr) in reconstructions.items()]
+    for column, (image, title) in enumerate(cells):
+      axis = axes[row, column]
+      axis.imshow(np.clip((image + 1) / 2, 0, 1))
+      for ymin, xmin, ymax, xmax in boxes[row]:
+        axis.add_patch(Rectangle((xmin * width - 0.5, ymin * height - 0.5), (xmax - xmin) * width,
+                                 (ymax - ymin) * height, fill=False, edgecolor="red", linewidth=1.5))
+      axis.set_xticks([])
+      axis.set_yticks([])
+      axis.set_title(title, fontsize=7)
   _save(figure, path)

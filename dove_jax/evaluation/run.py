@@ -5,7 +5,9 @@ the plots beside it.
     rFID when Inception weights are given;
   - the predicted lengths: histogram, Spearman correlation with image complexity, mean length per decile;
   - linear probing of each image's mean token;
-  - encode and decode throughput.
+  - encode and decode throughput;
+  - Q-DOVE: the lengths with and without the query (the compression the query buys) and the PSNR inside the
+    query's boxes and outside them, with a figure of image, query, box and reconstructions.
 
 Padding examples of the last batch (valid=False) are left out of every figure. Run it as one process: with
 several, each would see only its share of the split.
@@ -27,7 +29,7 @@ from flax import nnx
 from dove_jax import losses
 from dove_jax.data import pipeline
 from dove_jax.evaluation import fid, metrics, plots, probe
-from dove_jax.evaluation.plots import PREDICTED  # the key of the figures at the model's own lengths
+from dove_jax.evaluation.plots import NO_QUERY, PREDICTED  # keys of the figures at the model's own lengths
 from dove_jax.models.dove import DOVE, Tokens
 from dove_jax.training import checkpoint, loop
 from dove_jax.weights import load_weights
@@ -96,26 +98,31 @@ def mean_token(tokens: Tokens) -> jax.Array:
 
 def make_functions(model_def: nnx.GraphDef):
   """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
-  length), so one compilation serves every budget."""
+  length), so one compilation serves every budget. `query` is `loop.query_inputs(batch)`: {} for DOVE."""
 
   @jax.jit
-  def encode(params, images, budget):
-    return nnx.merge(model_def, params).encode(images, budget)
+  def encode(params, images, budget, query):
+    return nnx.merge(model_def, params).encode(images, budget, **query)
 
   @jax.jit
   def decode(params, tokens):
     return nnx.merge(model_def, params).decode(tokens)
 
   @jax.jit
-  def reconstruct(params, lpips, images, budget):
-    """-> per-image figures [B] (and the reconstructions and mean tokens) of `images` at `budget`."""
+  def reconstruct(params, lpips, batch, budget, query):
+    """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
+    for Q-DOVE batches also the MSE inside and outside the query's boxes."""
     model = nnx.merge(model_def, params)
-    tokens = model.encode(images, budget)
+    images = batch["image"]
+    tokens = model.encode(images, budget, **query)
     # The figures are of the image a viewer gets: the decoder's output clipped to the valid range.
     recon = jnp.clip(model.decode(tokens), -1, 1)  # [B, H, W, 3]
-    return {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
-            "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images),
-            "lpips": lpips(recon, images)}
+    out = {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
+           "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images),
+           "lpips": lpips(recon, images)}
+    if "boxes" in batch:
+      out["mse_in_boxes"], out["mse_outside_boxes"] = loop.box_mse(recon, images, batch)
+    return out
 
   return encode, decode, reconstruct
 
@@ -126,7 +133,8 @@ def batches(source, config: ml_collections.ConfigDict, max_batches: int | None =
   """(iterator, count): `source` in order, centre-cropped, padded to whole batches; at most `max_batches`."""
   batch_size = config.data.global_batch_size
   dataset = pipeline.make_dataset(source, image_size=config.model.image_size, global_batch_size=batch_size,
-                                  seed=config.seed, train=False, worker_count=config.data.worker_count)
+                                  seed=config.seed, train=False, worker_count=config.data.worker_count,
+                                  query=loop.query_step(config))
   count = -(-len(source) // batch_size)
   count = min(count, max_batches) if max_batches else count
   return itertools.islice(dataset, count), count
@@ -134,13 +142,13 @@ def batches(source, config: ml_collections.ConfigDict, max_batches: int | None =
 
 def token_features(encode, params, data, count: int | None = None, desc: str = "features"):
   """Mean-token features [N, D] and labels [N] of the valid images of `data` (batches), at the predicted
-  lengths. `encode(params, images, budget)` is the compiled encoder of `make_functions`."""
+  lengths and without a query (a classifier sees whole images). `encode` is `make_functions`'s."""
   from tqdm import tqdm
   features, labels = [], []
   for batch in tqdm(data, total=count, desc=desc):
     images = jnp.asarray(batch["image"])
     keep = np.asarray(batch["valid"])
-    tokens = encode(params, images, jnp.zeros(images.shape[0], jnp.int32))
+    tokens = encode(params, images, jnp.zeros(images.shape[0], jnp.int32), loop.query_inputs(batch, False))
     features.append(np.asarray(mean_token(tokens))[keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(features), np.concatenate(labels)
@@ -173,12 +181,26 @@ def length_by_decile(complexity: np.ndarray, lengths: np.ndarray) -> list[dict]:
 
 
 def quality(per_image: dict[str, np.ndarray]) -> dict:
-  """Split-level figures from per-image lengths, MSE, SSIM and LPIPS."""
+  """Split-level figures from per-image lengths, MSE, SSIM and LPIPS (and Q-DOVE's MSE in/out of boxes)."""
   mse = per_image["mse"]
-  return {"mean_length": float(per_image["lengths"].mean()), "mse": float(mse.mean()),
-          "psnr": float(metrics.psnr_from_mse(mse.mean())),  # of the mean MSE
-          "psnr_per_image": float(np.mean(metrics.psnr_from_mse(mse))),  # the mean of each image's PSNR
-          "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
+  figures = {"mean_length": float(per_image["lengths"].mean()), "mse": float(mse.mean()),
+             "psnr": float(metrics.psnr_from_mse(mse.mean())),  # of the mean MSE
+             "psnr_per_image": float(np.mean(metrics.psnr_from_mse(mse))),  # the mean of each image's PSNR
+             "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
+  for region in ("in_boxes", "outside_boxes"):
+    if f"mse_{region}" in per_image:
+      figures[f"psnr_{region}"] = float(metrics.psnr_from_mse(per_image[f"mse_{region}"].mean()))
+  return figures
+
+
+def query_figures(reconstruction: dict[str, dict]) -> dict:
+  """Q-DOVE: mean length with the query and without it (at the model's own lengths), the compression the
+  query buys (1 - with / without; the paper reports 68% on average), and PSNR inside / outside the boxes."""
+  with_query, without = reconstruction[PREDICTED], reconstruction[NO_QUERY]
+  return {"mean_length_with_query": with_query["mean_length"], "mean_length_without_query": without["mean_length"],
+          "compression": 1 - with_query["mean_length"] / without["mean_length"],
+          **{f"{name}_{key}": figures[name] for key, figures in (("with_query", with_query), ("without_query", without))
+             for name in ("psnr_in_boxes", "psnr_outside_boxes")}}
 
 
 def length_analysis(lengths: np.ndarray, complexities: dict[str, np.ndarray], max_tokens: int) -> dict:
@@ -206,10 +228,12 @@ def probe_figures(encode, params, config, train_source, train_batches: int, eval
                                           num_classes=classes)}
 
 
-def throughput(encode, decode, params, images: jax.Array, repeats: int = 3) -> dict:
-  """Images per second of the compiled encoder (at predicted lengths) and decoder, after a warm-up call."""
+def throughput(encode, decode, params, batch: dict, repeats: int = 3) -> dict:
+  """Images per second of the compiled encoder (at predicted lengths, with the batch's queries for Q-DOVE)
+  and decoder, after a warm-up call."""
+  images, query = jnp.asarray(batch["image"]), loop.query_inputs(batch)
   budget = jnp.zeros(images.shape[0], jnp.int32)
-  tokens = jax.block_until_ready(encode(params, images, budget))  # compiles
+  tokens = jax.block_until_ready(encode(params, images, budget, query))  # compiles
   jax.block_until_ready(decode(params, tokens))
 
   def images_per_second(function, *args):
@@ -218,24 +242,32 @@ def throughput(encode, decode, params, images: jax.Array, repeats: int = 3) -> d
       jax.block_until_ready(function(*args))
     return repeats * images.shape[0] / (time.perf_counter() - start)
 
-  return {"encode_images_per_s": images_per_second(encode, params, images, budget),
+  return {"encode_images_per_s": images_per_second(encode, params, images, budget, query),
           "decode_images_per_s": images_per_second(decode, params, tokens),
           "batch_size": int(images.shape[0]), "device": jax.devices()[0].device_kind}
 
 
 # -- the evaluation ---------------------------------------------------------------------------------------
 
-def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: list[int], inception=None):
-  """Runs `reconstruct` on every batch of `data` at the predicted lengths and at each budget.
+def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: list[int], inception=None,
+                        with_queries: bool = False):
+  """Runs `reconstruct` on every batch of `data` at the predicted lengths and at each budget (with the
+  query, for Q-DOVE, which is also run at its predicted lengths without the query: key NO_QUERY).
 
-  Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips)
-  with key PREDICTED or str(budget); images holds [N] laplacian_variance, complexity, label and the
-  [N, D] predicted-length features; samples the first valid inputs and their reconstructions per key;
-  fid the FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
+  Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips;
+  for Q-DOVE mse_in_boxes and mse_outside_boxes) with key PREDICTED, NO_QUERY or str(budget); images holds
+  [N] laplacian_variance, complexity, label and the [N, D] predicted-length features (without a query);
+  samples the first valid inputs (and their queries) and their reconstructions per key; fid the
+  FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
   """
   from tqdm import tqdm
-  keys = {PREDICTED: 0, **{str(budget): budget for budget in budgets}}
-  per_image = {key: {name: [] for name in ("lengths", *QUALITY)} for key in keys}
+  keys = {PREDICTED: (0, True), **{str(budget): (budget, True) for budget in budgets}}
+  names = ("lengths", *QUALITY)
+  if with_queries:
+    keys[NO_QUERY] = (0, False)
+    names += ("mse_in_boxes", "mse_outside_boxes")
+  feature_key = NO_QUERY if with_queries else PREDICTED
+  per_image = {key: {name: [] for name in names} for key in keys}
   images_seen = {name: [] for name in ("laplacian_variance", "complexity", "label", "features")}
   samples = {}
   laplacian_variance = jax.jit(metrics.laplacian_variance)
@@ -251,11 +283,13 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
       fid_stats["real"].update(np.asarray(fid.inception_features(inception, images))[keep])
     if not samples:
       samples["input"] = np.asarray(images)[keep][:SAMPLE_IMAGES]
-    for key, budget in keys.items():
-      out = reconstruct(params, lpips, images, jnp.full(images.shape[0], budget, jnp.int32))
+      samples["batch"] = {name: np.asarray(value)[keep][:SAMPLE_IMAGES] for name, value in batch.items()}
+    for key, (budget, with_query) in keys.items():
+      out = reconstruct(params, lpips, batch, jnp.full(images.shape[0], budget, jnp.int32),
+                        loop.query_inputs(batch, with_query))
       for name, values in per_image[key].items():
         values.append(np.asarray(out[name])[keep])
-      if key == PREDICTED:
+      if key == feature_key:
         images_seen["features"].append(np.asarray(out["features"])[keep])
       if inception is not None:
         fid_stats[key].update(np.asarray(fid.inception_features(inception, out["reconstruction"]))[keep])
@@ -294,8 +328,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   train_source, eval_source = loop.data_sources(config)
 
   data, count = batches(eval_source, config, max_batches)
+  with_queries = "query" in config
   per_image, images, samples, fid_stats = reconstruction_pass(
-      reconstruct, params, load_lpips(), data, count, budgets, inception_model)
+      reconstruct, params, load_lpips(), data, count, budgets, inception_model, with_queries)
   reconstruction = {key: quality(figures) for key, figures in per_image.items()}
   for key, figures in reconstruction.items():
     figures["rfid"] = RFID_UNAVAILABLE if fid_stats is None else metrics.frechet_distance(
@@ -306,7 +341,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   complexities = {"laplacian_variance": images["laplacian_variance"]}
   if np.any(images["complexity"]):  # the data set's own figure, where it has one (the built-in set does)
     complexities["dataset_complexity"] = images["complexity"]
-  first_batch = jnp.asarray(next(batches(eval_source, config, 1)[0])["image"])
+  first_batch = next(batches(eval_source, config, 1)[0])
   results = {
       "model": origin,
       "settings": {"data": {"source": config.data.source, "name": config.data.name,
@@ -321,6 +356,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
                                     images["features"], images["label"]),
       "throughput": throughput(encode, decode, params, first_batch),
   }
+  if with_queries:
+    results["query"] = query_figures(reconstruction)
   out.mkdir(parents=True, exist_ok=True)
   (out / "metrics.json").write_text(json.dumps(results, indent=2))
   psnr = {key: np.asarray(metrics.psnr_from_mse(figures["mse"][:SAMPLE_IMAGES])) for key, figures in per_image.items()}
@@ -330,8 +367,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   plots.length_histogram(lengths, max_tokens, out / "length_histogram.png")
   plots.complexity_vs_length(complexities, lengths, results["lengths"]["spearman"], out / "complexity_vs_length.png")
   plots.quality_vs_budget(reconstruction, out / "quality_vs_budget.png")
+  if with_queries:
+    query_plot(config, samples, per_image, out / "queries.png")
   logging.info("evaluation written to %s", out)
   return results
+
+
+def query_plot(config: ml_collections.ConfigDict, samples: dict, per_image: dict, path: Path) -> None:
+  """queries.png: each sample image with its query text and boxes, reconstructed with and without it."""
+  batch = samples["batch"]
+  tokenizer = loop.query_tokenizer(config)
+  texts = [tokenizer.decode(ids[mask]) for ids, mask in zip(batch["query_ids"], batch["query_mask"])]
+  boxes = [region[mask] for region, mask in zip(batch["boxes"], batch["box_mask"])]
+  shown = {key: (samples[key], per_image[key]["lengths"][:SAMPLE_IMAGES],
+                 metrics.psnr_from_mse(per_image[key]["mse_in_boxes"][:SAMPLE_IMAGES]))
+           for key in (PREDICTED, NO_QUERY)}
+  plots.query_examples(samples["input"], texts, boxes, shown, path)
 
 
 def format_summary(results: dict) -> str:
@@ -350,6 +401,12 @@ def format_summary(results: dict) -> str:
   accuracy = probe["accuracy"] if isinstance(probe["accuracy"], str) else f"{100 * probe['accuracy']:.2f}%"
   rows.append(f"linear probe: accuracy {accuracy} ({probe['num_classes']} classes, "
               f"{probe['train_images']} train / {probe['eval_images']} eval images)")
+  if "query" in results:
+    query = results["query"]
+    rows.append(f"query: mean length {query['mean_length_with_query']:.1f} with, "
+                f"{query['mean_length_without_query']:.1f} without ({100 * query['compression']:.0f}% shorter); "
+                f"PSNR in boxes {query['psnr_in_boxes_with_query']:.2f} dB, outside "
+                f"{query['psnr_outside_boxes_with_query']:.2f} dB")
   speed = results["throughput"]
   rows.append(f"throughput: encode {speed['encode_images_per_s']:.1f} images/s, decode "
               f"{speed['decode_images_per_s']:.1f} images/s (batch {speed['batch_size']}, {speed['device']})")

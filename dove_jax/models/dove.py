@@ -3,6 +3,10 @@
 
 Images are NHWC floats in [-1, 1] at the model's `image_size` (static shapes: one compiled function per
 size). Every sequence has `max_tokens` slots; a shorter one is the same array with a mask.
+
+Q-DOVE is the same module with a query vocabulary (`query_vocab_size` > 0): a text query, as token ids
+padded to a fixed length with a mask, is embedded and read by the generator between H_v and the output slots,
+so the tokens can spend themselves on the region the query asks about. An all-padding query is no query.
 """
 from __future__ import annotations
 
@@ -60,13 +64,15 @@ class DOVE(nnx.Module):
     eos_bias_init: initial EOS logit bias; negative starts every image at full length.
     dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
     remat: recompute the transformer blocks' activations in the backward pass instead of storing them.
+    query_vocab_size: > 0 makes a Q-DOVE: the size of the query tokenizer's vocabulary (257 for the byte
+      tokenizer, Pythia's 50304 for its GPT-NeoX tokenizer, whose embedding then starts the query's).
   """
 
   def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
                generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
                max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
                requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, remat: bool = False,
-               rngs: nnx.Rngs):
+               query_vocab_size: int = 0, rngs: nnx.Rngs):
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
@@ -87,35 +93,66 @@ class DOVE(nnx.Module):
                                       grid_size=grid_size,
                                       transformer=dict(_transformer_kwargs(decoder), remat=remat), dtype=dtype,
                                       rngs=rngs)
+    # H_q: query tokens in the generator's input space (Pythia's own input embedding when converted).
+    self.query_embed = (nnx.Embed(query_vocab_size, generator["d_model"],
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                        if query_vocab_size else None)
 
   # -- the public API -----------------------------------------------------------------------------------
 
-  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None) -> Tokens:
-    """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths."""
-    return self._encode(images, token_budget)[0]
+  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None,
+             query: jax.Array | None = None, query_mask: jax.Array | None = None) -> Tokens:
+    """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths.
+
+    Q-DOVE only: `query` [B, Q] int token ids and `query_mask` [B, Q] bool (False = padding; default: all
+    True). A row of padding only is an empty query: the image is encoded as a whole.
+    """
+    return self._encode(images, token_budget, query, query_mask)[0]
 
   def decode(self, tokens: Tokens) -> jax.Array:
     """Tokens -> images [B, H, W, 3] (about [-1, 1])."""
     return self._decode(tokens)[0]
 
-  def __call__(self, images: jax.Array, token_budget: jax.Array | int | None = None) -> DOVEOutput:
-    tokens, features, vq = self._encode(images, token_budget)
+  def __call__(self, images: jax.Array, token_budget: jax.Array | int | None = None,
+               query: jax.Array | None = None, query_mask: jax.Array | None = None) -> DOVEOutput:
+    tokens, features, vq = self._encode(images, token_budget, query, query_mask)
     reconstruction, latents = self._decode(tokens)
     return DOVEOutput(reconstruction, tokens, features, latents, vq)
 
   # -- the steps ----------------------------------------------------------------------------------------
 
-  def _encode(self, images, token_budget):
+  def _encode(self, images, token_budget, query=None, query_mask=None):
     check_images(images, self.image_size)
+    if query is not None:
+      query, query_mask = self._embed_query(query, query_mask, images.shape[0])
     features = self.vqgan.encode(images)  # [B, h, w, C]
     vq = None
     if self.quantize_features:
       vq = self.vqgan.quantize(features)
       features = vq.quantized
     b, h, w, c = features.shape
-    tokens, eos_prob = self.generator(features.reshape(b, h * w, c))  # [B, n, D], [B, n]
+    tokens, eos_prob = self.generator(features.reshape(b, h * w, c), query, query_mask)  # [B, n, D], [B, n]
     mask, lengths = eos.eos_mask(eos_prob, token_budget, self.eos_threshold)
     return Tokens(eos.apply_mask(tokens, mask), mask, lengths, eos_prob), features, vq
+
+  def _embed_query(self, query, query_mask, batch: int):
+    """ids [B, Q] (+ mask) -> H_q [B, Q, D] and the mask [B, Q], after checking what can be checked."""
+    if self.query_embed is None:
+      raise ValueError("this DOVE reads no query (model.query_vocab_size = 0); build a Q-DOVE "
+                       "(configs/qdove.py) or leave the query out")
+    if query.ndim != 2 or query.shape[0] != batch or not jnp.issubdtype(query.dtype, jnp.integer):
+      raise ValueError(f"query must be int token ids of shape [{batch}, Q]; got {query.dtype} {query.shape}")
+    query_mask = jnp.ones(query.shape, bool) if query_mask is None else query_mask
+    if query_mask.shape != query.shape:
+      raise ValueError(f"query_mask shape {query_mask.shape} != query shape {query.shape}")
+    if not isinstance(query, jax.core.Tracer):
+      vocab = self.query_embed.num_embeddings
+      with jax.ensure_compile_time_eval():
+        lo, hi = int(jnp.min(query, initial=0)), int(jnp.max(query, initial=0))
+      if lo < 0 or hi >= vocab:
+        raise ValueError(f"query token ids must lie in [0, {vocab}) (model.query_vocab_size = {vocab}); got "
+                         f"ids in [{lo}, {hi}]: the tokenizer and the model disagree")
+    return self.query_embed(query), query_mask
 
   def _decode(self, tokens: Tokens):
     latents = self.token_decoder(tokens.tokens, tokens.mask)  # [B, h, w, C]

@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dove_jax.convert.common import ConversionReport, Source, fill_params, param_dict
+from dove_jax.convert.common import ConversionReport, Source, fill_by_path
 
 
 class Checkpointer:
@@ -52,10 +52,11 @@ def abstract_like(state, shardings):
 
 
 def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int | None = None,
-                           item: str = "params") -> tuple[int, ConversionReport]:
+                           item: str = "params", optional: tuple[str, ...] = ()) -> tuple[int, ConversionReport]:
   """Loads the model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
   `directory` into `model`, e.g. for evaluation. A checkpoint of another config fails naming every
-  parameter that differs, with both shapes. Returns the step and the report."""
+  parameter that differs, with both shapes, except that parameters under an `optional` prefix may be
+  missing (a Q-DOVE started from a DOVE run). Returns the step and the report."""
   from dove_jax.training.state import param_path
   directory = Path(directory).absolute()
   if not directory.is_dir():
@@ -68,4 +69,4 @@ def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int |
   restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
   tensors = {param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
   source = Source(tensors, f"checkpoint {directory / str(step)}")
-  return step, fill_params(model, {name: source.take(name) for name in param_dict(model)}, source)
+  return step, fill_by_path(model, source, optional)

@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 
 from dove_jax import losses
+from dove_jax.boxes import relevant_boxes, union_mask
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
 from dove_jax.models.discriminator import PatchDiscriminator
@@ -26,7 +27,7 @@ from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
 from dove_jax.training.step import make_train_step
 from dove_jax.weights import load_weights
 
-DATA_SOURCES = ("builtin", "tfds", "folder")
+DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -41,8 +42,39 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.global_batch_size % jax.device_count():
     raise ValueError(f"config.data.global_batch_size = {config.data.global_batch_size} is not a multiple of "
                      f"the {jax.device_count()} devices")
-  if config.data.source == "folder" and not config.data.folder:
-    raise ValueError("config.data.source = 'folder' needs config.data.folder")
+  if config.data.source in ("folder", "visual_genome") and not config.data.folder:
+    raise ValueError(f"config.data.source = {config.data.source!r} needs config.data.folder")
+  if "query" in config:
+    check_query_config(config)
+
+
+def check_query_config(config: ml_collections.ConfigDict) -> None:
+  """Q-DOVE's settings, the tokenizer file included (read here, before any compute)."""
+  query = config.query
+  if not 0 <= query.drop_rate <= 1:
+    raise ValueError(f"config.query.drop_rate = {query.drop_rate}; expected a fraction in [0, 1]")
+  for field in ("max_length", "max_boxes", "crop_size"):
+    if query[field] < 1:
+      raise ValueError(f"config.query.{field} = {query[field]}; expected a positive integer")
+  vocab = query_tokenizer(config).vocab_size
+  if vocab > config.model.query_vocab_size:
+    raise ValueError(f"config.model.query_vocab_size = {config.model.query_vocab_size} is smaller than the "
+                     f"{config.query.tokenizer!r} tokenizer's vocabulary ({vocab} tokens)")
+
+
+def query_tokenizer(config: ml_collections.ConfigDict):
+  """The configured query tokenizer; "gpt-neox" reads tokenizer.json from query.tokenizer_path, or else
+  from the init.pythia folder."""
+  from dove_jax import text
+  return text.load_tokenizer(config.query.tokenizer, config.query.tokenizer_path or config.init.pythia)
+
+
+def query_step(config: ml_collections.ConfigDict):
+  """The input pipeline's query step for Q-DOVE (None for DOVE)."""
+  if "query" not in config:
+    return None
+  from dove_jax.data.queries import SelectQuery
+  return SelectQuery(query_tokenizer(config), config.query.max_length, config.query.max_boxes)
 
 
 def data_sources(config: ml_collections.ConfigDict):
@@ -55,17 +87,29 @@ def data_sources(config: ml_collections.ConfigDict):
   if data.source == "tfds":
     return (sources.tfds_source(data.name, data.train_split, data_dir),
             sources.tfds_source(data.name, data.eval_split, data_dir))
+  if data.source == "visual_genome":
+    from dove_jax.data.visual_genome import VisualGenomeSource
+    regions = VisualGenomeSource(Path(data.folder).expanduser())
+    return sources.split_off(regions, data.eval_size)
   folder = sources.ImageFolderSource(data.folder)
   return folder, folder
 
 
 def build_model(config: ml_collections.ConfigDict) -> DOVE:
-  """DOVE from the config, initialised from the configured pretrained weights (if any)."""
+  """DOVE from the config, initialised from the configured weights: the pretrained VQGAN and Pythia first,
+  then a whole-model weights file or a run's checkpoint on top. A Q-DOVE started from a DOVE keeps its
+  query embedding (from Pythia, or random) where the DOVE weights have none."""
   model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
-  if config.init.weights:
-    logging.info("%s", load_weights(model, config.init.weights))
   for report in load_pretrained(model, vqgan=config.init.vqgan, pythia=config.init.pythia):
     logging.info("%s", report)
+  optional = ("query_embed",)
+  if config.init.weights:
+    logging.info("%s", load_weights(model, config.init.weights, optional=optional))
+  if config.init.checkpoint:
+    directory = Path(config.init.checkpoint).expanduser()
+    directory = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+    step, report = checkpoint.load_checkpoint_params(directory, model, optional=optional)
+    logging.info("step %d of %s", step, report)
   return model
 
 
@@ -81,7 +125,7 @@ class StopRequest:
     self.requested = True
 
 
-LOSS_TERMS = ("loss", "rec", "mse", "lpips", "gan", "eos", "vq", "disc", "grad_norm")
+LOSS_TERMS = ("loss", "rec", "mse", "lpips", "gan", "eos", "vq", "disc", "grad_norm", "outside_mse")
 
 
 def check_finite(metrics: dict, step: int, last_good: int | None) -> None:
@@ -156,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   train_iter = iter(pipeline.make_dataset(
       train_source, image_size=config.model.image_size, global_batch_size=batch_size, seed=config.seed,
-      train=True, worker_count=config.data.worker_count))
+      train=True, worker_count=config.data.worker_count, query=query_step(config)))
 
   # ---------------------------------------------------------------------------- model, state, step
   setup = build_training(config, mesh, num_steps)
@@ -208,16 +252,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return metrics
 
 
+def query_inputs(batch: dict, with_query: bool = True) -> dict:
+  """The model's query arguments from a batch: {} for DOVE; for Q-DOVE the query, or (with_query=False)
+  the same ids all masked, which is no query."""
+  if "query_ids" not in batch:
+    return {}
+  mask = jnp.asarray(batch["query_mask"])
+  return {"query": jnp.asarray(batch["query_ids"]), "query_mask": mask if with_query else jnp.zeros_like(mask)}
+
+
+def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """[B] MSE inside the query's boxes (the whole image for an empty query) and [B] MSE outside them."""
+  boxes, box_mask = relevant_boxes(*(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask")))
+  inside = union_mask(boxes, box_mask, *images.shape[1:3])  # [B, H, W]
+  return losses.outside_mse(recon, images, ~inside), losses.outside_mse(recon, images, inside)
+
+
 class Evaluator:
   """Validation figures during training: MSE at the model's own lengths, lengths against complexity, and
-  a picture of inputs and reconstructions at a few budgets."""
+  a picture of inputs and reconstructions at a few budgets. For Q-DOVE also the lengths without the query
+  and the MSE inside and outside the query's boxes."""
 
   def __init__(self, config, model_def: nnx.GraphDef, eval_source):
     self.config = config
     self.max_tokens = config.model.max_tokens
     dataset = pipeline.make_dataset(eval_source, image_size=config.model.image_size,
                                     global_batch_size=config.data.global_batch_size, seed=config.seed,
-                                    train=False)
+                                    train=False, query=query_step(config))
     batches = []
     for batch in dataset:
       batches.append(batch)
@@ -226,33 +287,45 @@ class Evaluator:
     self.batches = batches  # the same images every time, so the curves compare
 
     @jax.jit
-    def reconstruct(params, images, budget):
+    def reconstruct(params, images, budget, query):
       model = nnx.merge(model_def, params)
-      tokens = model.encode(images, budget)
+      tokens = model.encode(images, budget, **query)
       return model.decode(tokens), tokens.lengths
 
     self.reconstruct = reconstruct
 
+  def _run(self, params, batch, budget: int = 0, with_query: bool = True):
+    images = jnp.asarray(batch["image"])
+    budgets = jnp.full(images.shape[0], budget, jnp.int32)
+    return images, *self.reconstruct(params, images, budgets, query_inputs(batch, with_query))
+
   def metrics(self, params) -> dict:
     from scipy import stats
-    mse, lengths, complexity = [], [], []
+    figures = {name: [] for name in ("mse", "lengths", "complexity", "no_query_lengths", "mse_in", "mse_out")}
     for batch in self.batches:
-      images = jnp.asarray(batch["image"])
-      recon, length = self.reconstruct(params, images, jnp.zeros(images.shape[0], jnp.int32))
+      images, recon, lengths = self._run(params, batch)
       keep = np.asarray(batch["valid"])
-      mse.append(np.asarray(losses.mse_per_image(recon, images))[keep])
-      lengths.append(np.asarray(length)[keep])
-      complexity.append(np.asarray(batch["complexity"])[keep])
-    mse, lengths, complexity = map(np.concatenate, (mse, lengths, complexity))
+      found = {"mse": losses.mse_per_image(recon, images), "lengths": lengths, "complexity": batch["complexity"]}
+      if "query_ids" in batch:
+        found["mse_in"], found["mse_out"] = box_mse(recon, images, batch)
+        found["no_query_lengths"] = self._run(params, batch, with_query=False)[2]
+      for name, values in found.items():
+        figures[name].append(np.asarray(values)[keep])
+    figures = {name: np.concatenate(values) for name, values in figures.items() if values}
+    lengths, complexity = figures["lengths"], figures["complexity"]
     spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
-    return {"eval/mse": float(mse.mean()), "eval/length_mean": float(lengths.mean()),
-            "eval/length_std": float(lengths.std()), "eval/length_complexity_spearman": float(spearman)}
+    results = {"eval/mse": float(figures["mse"].mean()), "eval/length_mean": float(lengths.mean()),
+               "eval/length_std": float(lengths.std()), "eval/length_complexity_spearman": float(spearman)}
+    if "mse_in" in figures:
+      results.update({"eval/length_mean_no_query": float(figures["no_query_lengths"].mean()),
+                      "eval/mse_in_boxes": float(figures["mse_in"].mean()),
+                      "eval/mse_outside_boxes": float(figures["mse_out"].mean())})
+    return results
 
   def image_grid(self, params, count: int = 4) -> np.ndarray:
-    images = jnp.asarray(self.batches[0]["image"][:count])
+    batch = {name: value[:count] for name, value in self.batches[0].items()}
     budgets = [0, self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
-    rows = [np.asarray(images)]
+    rows = [np.asarray(batch["image"])]
     for budget in budgets:
-      recon, _ = self.reconstruct(params, images, jnp.full((images.shape[0],), budget, jnp.int32))
-      rows.append(np.asarray(recon))
+      rows.append(np.asarray(self._run(params, batch, budget)[1]))
     return image_grid(rows)

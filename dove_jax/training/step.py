@@ -4,6 +4,9 @@ Per image: L_rec = mse_w * MSE + lpips_w * LPIPS + gan_w * GAN, L_eos from the d
 L = rec_w * L_rec + lambda_eos(step) * L_eos, averaged over the valid images of the batch (a corrupt input
 file arrives with valid=False and weight 0). A fraction of the images is reconstructed at a random forced
 length so that every budget learns to reconstruct; the EOS loss only sees the images at their own length.
+
+Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
+judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dove_jax import losses
+from dove_jax import boxes, losses
 from dove_jax.models import eos
 from dove_jax.training.state import TrainState
+
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -32,12 +36,13 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
   """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
 
   `lpips` is a `perceptual.LPIPS` (its weights travel as an argument, not as compiled-in constants), or
-  None when the LPIPS weight is 0.
+  None when the LPIPS weight is 0. A config with a `query` section trains Q-DOVE (see `query_objective`).
   """
   loss_cfg = config.loss
   eos_weight = losses.eos_weight_schedule(start=loss_cfg.eos_weight_start, end=loss_cfg.eos_weight_end,
                                           warmup_steps=loss_cfg.eos_weight_steps, kind=loss_cfg.eos_weight_kind)
   max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
+  query_cfg = config.get("query")
 
   def train_step(state: TrainState, batch: dict, lpips) -> tuple[TrainState, dict]:
     images = batch["image"]  # [B, H, W, 3] in [-1, 1]
@@ -48,26 +53,39 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     threshold = losses.threshold_value(state.eos_threshold)
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
     discriminator = nnx.merge(disc_def, state.disc_params)
+    query = {}
+    if query_cfg is not None:
+      query = drop_queries(jax.random.fold_in(rng, 1), batch, query_cfg.drop_rate)
 
-    def loss_fn(params):
-      out = nnx.merge(model_def, params)(images, budget)
-      recon = out.reconstruction
-      mse = losses.mse_per_image(recon, images)
-      perceptual = lpips(recon, images) if lpips is not None else jnp.zeros_like(mse)
+    def rec_terms(recon, target):
+      """L_rec and its parts per image: [N, h, w, 3] x2 -> dict of [N]."""
+      mse = losses.mse_per_image(recon, target)
+      perceptual = lpips(recon, target) if lpips is not None else jnp.zeros_like(mse)
       gan = losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on
       rec = losses.reconstruction_loss(mse, perceptual, gan, mse_weight=loss_cfg.mse_weight,
                                        lpips_weight=loss_cfg.lpips_weight, gan_weight=loss_cfg.gan_weight)
-      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, rec, threshold)
+      return dict(rec=rec, mse=mse, lpips=perceptual, gan=gan)
+
+    def loss_fn(params):
+      model = nnx.merge(model_def, params)
+      out = model(images, budget, batch.get("query_ids"), query.get("query_mask"))
+      recon = out.reconstruction
+      if query_cfg is None:
+        terms = rec_terms(recon, images)
+        objective = terms["rec"]
+      else:
+        terms, objective = query_objective(rec_terms, recon, images, query, query_cfg)
+      # The EOS loss and its threshold see L_rec of the relevant region only (the whole image for DOVE).
+      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, terms["rec"], threshold)
       lambda_eos = eos_weight(state.step)
-      total = (loss_cfg.rec_weight * weighted_mean(rec, valid)
+      total = (loss_cfg.rec_weight * weighted_mean(objective, valid)
                + lambda_eos * jnp.sum(l_eos * own_length) / jnp.maximum(jnp.sum(valid), 1.0))
       vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
       total = total + loss_cfg.vq_weight * vq_loss
       _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
-      terms = dict(loss=total, rec=weighted_mean(rec, valid), mse=weighted_mean(mse, valid),
-                   lpips=weighted_mean(perceptual, valid), gan=weighted_mean(gan, valid),
-                   eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos)
-      return total, (terms, recon, predicted)
+      logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
+                    eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos)
+      return total, (logged, recon, predicted)
 
     (_, (terms, recon, predicted)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,6 +108,8 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
         length_mean=weighted_mean(lengths, valid),
         length_min=jnp.min(jnp.where(valid > 0, lengths, big)),
         length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
+    if query:
+      metrics["query_kept"] = weighted_mean(jnp.any(query["query_mask"], axis=1).astype(jnp.float32), valid)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
         disc_opt_state=disc_opt_state,
@@ -97,3 +117,32 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     return new_state, metrics
 
   return train_step
+
+
+def drop_queries(rng: jax.Array, batch: dict, drop_rate: float) -> dict:
+  """Empties each image's query with probability `drop_rate` (Q-DOVE trains half its images without one);
+  an emptied query's relevant region becomes the whole image. -> {query_mask, boxes, box_mask}."""
+  drop = jax.random.uniform(rng, batch["query_mask"].shape[:1]) < drop_rate  # [B]
+  query_mask = batch["query_mask"] & ~drop[:, None]  # [B, Q]
+  region, region_mask = boxes.relevant_boxes(batch["boxes"], batch["box_mask"], query_mask)
+  return dict(query_mask=query_mask, boxes=region, box_mask=region_mask)
+
+
+def query_objective(rec_terms, recon: jax.Array, images: jax.Array, query: dict, query_cfg):
+  """Q-DOVE's L_qry per image: L_rec on each box's crop (resampled to `crop_size`), averaged over the
+  image's boxes, plus `outside_weight` (lambda_o) times the MSE outside every box.
+
+  Returns (terms, objective): the per-image parts of the relevant-region L_rec (each a [B] mean over boxes)
+  plus outside_mse, and L_qry [B].
+  """
+  b, height, width, _ = images.shape
+  k, size = query["boxes"].shape[1], query_cfg.crop_size
+
+  def crops(x):  # [B, H, W, 3] -> [B * K, size, size, 3]
+    return boxes.crop_and_resize(x, query["boxes"], size).reshape(b * k, size, size, x.shape[-1])
+
+  per_box = rec_terms(crops(recon), crops(images))  # [B * K] each
+  terms = {name: losses.mean_over_boxes(value.reshape(b, k), query["box_mask"]) for name, value in per_box.items()}
+  inside = boxes.union_mask(query["boxes"], query["box_mask"], height, width)  # [B, H, W]
+  terms["outside_mse"] = losses.outside_mse(recon, images, inside)
+  return terms, terms["rec"] + query_cfg.outside_weight * terms["outside_mse"]
