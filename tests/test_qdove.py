@@ -305,3 +305,22 @@ def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path):
     assert 0 < query[name] < 60, (name, query)
   assert set(results["reconstruction"]) == {"predicted", "no_query", "16", "32", "64"}
   assert (run / "eval" / "queries.png").stat().st_size > 10_000
+
+
+def test_pythia_initialises_the_query_embedding(tmp_path):
+  """With a Pythia folder, the query tokens are embedded exactly as Pythia embeds them (its embed_in)."""
+  import torch
+  from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+  from dove_jax.convert.pretrained import load_pretrained
+  torch.manual_seed(0)
+  config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=300, max_position_embeddings=64)
+  lm = GPTNeoXForCausalLM(config).eval()
+  lm.save_pretrained(tmp_path)
+  model = DOVE(**TINY, query_vocab_size=300, rngs=nnx.Rngs(0))
+  reports = load_pretrained(model, pythia=tmp_path)
+  assert reports[-1].converted == 1 and "embed_in" in reports[-1].origin
+  ids = np.array([[5, 299, 0, 17]])
+  with torch.no_grad():
+    expected = lm.gpt_neox.embed_in(torch.as_tensor(ids)).numpy()
+  np.testing.assert_array_equal(model.query_embed(jnp.asarray(ids)), expected)
