@@ -183,3 +183,20 @@ def test_pickles_for_grain_workers(vg_root):
   copy = pickle.loads(pickle.dumps(source))
   assert len(copy) == len(source) and copy[0]["descriptions"] == source[0]["descriptions"]
   np.testing.assert_array_equal(copy[0]["boxes"], source[0]["boxes"])
+
+
+def test_records_become_query_batches(vg_root):
+  """Through the Q-DOVE input pipeline: image 1 (40x20) centre-cropped to 16 px keeps columns 10..30 of the
+  original, so 'the red square' (x 10..30, y 5..15) fills the crop's width and 'sky' (x 30..40) is cut away."""
+  from dove_jax.data import pipeline
+  from dove_jax.data.queries import SelectQuery
+  from dove_jax.text import ByteTokenizer
+  source = VisualGenomeSource(vg_root)
+  step = SelectQuery(ByteTokenizer(), max_length=16, max_boxes=2)
+  batch = next(iter(pipeline.make_dataset(source, image_size=16, global_batch_size=4, seed=0, train=False,
+                                          query=step)))
+  assert ByteTokenizer().decode(batch["query_ids"][0][batch["query_mask"][0]]) == "the red square"
+  np.testing.assert_allclose(batch["boxes"][0], [[0.25, 0.0, 0.75, 1.0], [0, 0, 0, 0]], atol=1e-6)
+  np.testing.assert_array_equal(batch["box_mask"][0], [True, False])
+  assert list(batch["valid"]) == [True, True, True, False]  # 3 images and one padding slot
+  assert not batch["query_mask"][3].any()  # the padding slot has the empty query
