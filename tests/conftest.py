@@ -31,3 +31,12 @@ def count_compiles():
     finally:
       jax.monitoring.unregister_event_duration_listener(counter)
   return counting
+
+
+@pytest.fixture(scope="session")
+def builtin_data_dir(tmp_path_factory):
+  """The built-in 64 px data set, generated once (~18 s) for every command-line run of the session."""
+  from dove_jax.data.builtin import load_builtin
+  path = tmp_path_factory.mktemp("builtin_data")
+  load_builtin(64, str(path))
+  return path

@@ -18,12 +18,8 @@ def python(args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """The built-in 64 px data set, generated once for every command-line run here."""
-  from dove_jax.data.builtin import load_builtin
-  path = tmp_path_factory.mktemp("data")
-  load_builtin(64, str(path))
-  return path
+def data_dir(builtin_data_dir):
+  return builtin_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -278,10 +278,8 @@ def test_query_config_errors_fail_before_any_compute(tmp_path):
       in result.stderr, result.stderr[-2000:]
 
 
-def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path):
-  from dove_jax.data.builtin import load_builtin
-  data_dir = tmp_path / "data"
-  load_builtin(64, str(data_dir))
+def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path, builtin_data_dir):
+  data_dir = builtin_data_dir
   run = tmp_path / "run"
   result = python(["train.py", "--config", "configs/qdove.py:tiny", f"--workdir={run}",
                    "--config.train.num_steps=3", "--config.train.log_every=1", f"--config.data.data_dir={data_dir}",

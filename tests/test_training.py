@@ -83,12 +83,8 @@ def test_config_typo_fails_before_any_compute(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """The built-in 64 px data set, generated once for every command-line run here."""
-  from dove_jax.data.builtin import load_builtin
-  path = tmp_path_factory.mktemp("data")
-  load_builtin(64, str(path))
-  return path
+def data_dir(builtin_data_dir):
+  return builtin_data_dir
 
 
 def train_command(workdir, data_dir, steps, *extra):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow_datasets as tfds
 from absl import logging
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -17,6 +16,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 def tfds_source(name: str, split: str, data_dir: str):
   """`split` of the TFDS data set `name` (e.g. 'imagenet2012', 'dove_shapes/64') prepared under `data_dir`
   as array_record files, as a `tfds.data_source`. Raises FileNotFoundError if it is not prepared there."""
+  import tensorflow_datasets as tfds  # only for TFDS sets: a folder or Visual Genome run does without it
   not_prepared = FileNotFoundError(
       f"TFDS data set {name!r} (split {split!r}) is not prepared under data_dir={data_dir!r}, and this "
       f"code never downloads. Prepare it there first as array_record files, e.g. `tfds build {name} "
@@ -29,6 +29,16 @@ def tfds_source(name: str, split: str, data_dir: str):
   if not builder.is_prepared():
     raise not_prepared
   return builder.as_data_source(split=split)
+
+
+def read_image_bytes(path: str) -> bytes:
+  """The file's bytes, or b"" (with a warning) when it cannot be read: the pipeline then marks the example
+  invalid instead of stopping training."""
+  try:
+    return Path(path).read_bytes()
+  except OSError as e:
+    logging.warning("cannot read %s: %s", path, e)
+    return b""
 
 
 def _class_folder(relative: Path) -> str | None:
@@ -66,12 +76,7 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict:
     path = self._paths[index]
-    try:
-      image_bytes = Path(path).read_bytes()
-    except OSError as e:
-      logging.warning("cannot read %s: %s", path, e)
-      image_bytes = b""
-    return {"image_bytes": image_bytes, "path": path, "label": self._labels[index]}
+    return {"image_bytes": read_image_bytes(path), "path": path, "label": self._labels[index]}
 
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={str(self.root)!r}, images={len(self)}, classes={len(self.classes)})"

@@ -35,6 +35,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dove_jax.data.sources import read_image_bytes
+
 DEFAULT_IMAGE_DIRS = ("VG_100K", "VG_100K_2", "images")
 # VG boxes often overhang the image by a pixel: clip those, skip worse ones.
 OVERHANG_PIXELS = 1.0
@@ -238,11 +240,7 @@ class VisualGenomeSource:
   def __getitem__(self, index: int) -> dict:
     index = range(len(self))[index]  # negative indices too, and IndexError past the end
     path = self._paths[index]
-    try:
-      image_bytes = Path(path).read_bytes()
-    except OSError as e:
-      logging.warning("cannot read %s: %s", path, e)
-      image_bytes = b""
+    image_bytes = read_image_bytes(path)
     start, end = self._region_starts[index], self._region_starts[index + 1]
     phrase_starts = self._phrase_starts[start:end + 1]
     descriptions = [self._phrase_buffer[a:b].decode("utf-8")
