@@ -90,9 +90,13 @@ class DOVE(nnx.Module):
 
   # -- the public API -----------------------------------------------------------------------------------
 
-  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None) -> Tokens:
-    """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths."""
-    return self._encode(images, token_budget)[0]
+  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None, *,
+             chunk_size: int = 0) -> Tokens:
+    """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths.
+
+    chunk_size > 0 generates the slots that many at a time with a key/value cache and stops once every image
+    has its length (`TokenGenerator.generate`): the same Tokens, cheaper when sequences are short."""
+    return self._encode(images, token_budget, chunk_size)[0]
 
   def decode(self, tokens: Tokens) -> jax.Array:
     """Tokens -> images [B, H, W, 3] (about [-1, 1])."""
@@ -105,7 +109,7 @@ class DOVE(nnx.Module):
 
   # -- the steps ----------------------------------------------------------------------------------------
 
-  def _encode(self, images, token_budget):
+  def _encode(self, images, token_budget, chunk_size=0):
     check_images(images, self.image_size)
     features = self.vqgan.encode(images)  # [B, h, w, C]
     vq = None
@@ -113,7 +117,9 @@ class DOVE(nnx.Module):
       vq = self.vqgan.quantize(features)
       features = vq.quantized
     b, h, w, c = features.shape
-    tokens, eos_prob = self.generator(features.reshape(b, h * w, c))  # [B, n, D], [B, n]
+    tokens, eos_prob = (self.generator.generate(features.reshape(b, h * w, c), token_budget=token_budget,
+                                                threshold=self.eos_threshold, chunk_size=chunk_size)
+                        if chunk_size else self.generator(features.reshape(b, h * w, c)))  # [B, n, D], [B, n]
     mask, lengths = eos.eos_mask(eos_prob, token_budget, self.eos_threshold)
     return Tokens(eos.apply_mask(tokens, mask), mask, lengths, eos_prob), features, vq
 

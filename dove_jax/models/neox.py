@@ -11,6 +11,8 @@ checkpoint converts with a plain transpose.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -47,6 +49,13 @@ def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
 
 
+class KVCache(NamedTuple):
+  """One causal block's keys and values for a whole sequence, [B, L_total, N, H] each; static shape, filled
+  chunk by chunk, so one compiled loop serves every length."""
+  keys: jax.Array
+  values: jax.Array
+
+
 class NeoXBlock(nnx.Module):
   """One GPT-NeoX layer with parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).
 
@@ -79,14 +88,38 @@ class NeoXBlock(nnx.Module):
     return x + self.attention(self.attn_norm(x), positions, key_mask) + self.mlp(self.mlp_norm(x))
 
   def attention(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    batch, length, d_model = x.shape
+    q, k, v = self.rotated_qkv(x, positions)  # [B, L, N, H] each
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, Lq, Lk]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, N, H]
+    return self.attn_out(out.reshape(x.shape))
+
+  def rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, L, D] -> q, k, v [B, L, N, H], with the rotary phases of `positions` on q and k."""
+    batch, length, _ = x.shape
     qkv = self.qkv(x).reshape(batch, length, self.num_heads, 3, self.head_dim)  # [B, L, N, 3, H]
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, L, N, H] each
     cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rotary_base)  # [B, L, R]
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, Lq, Lk]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, N, H]
-    return self.attn_out(out.reshape(batch, length, d_model))
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+  def extend(self, x: jax.Array, positions: jax.Array, cache: KVCache, offset: jax.Array,
+             key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The block on a chunk that sits at `offset` of a longer causal sequence whose earlier keys and values
+    are in `cache`: x [B, C, D] -> ([B, C, D], the cache with this chunk's keys and values written in).
+
+    Only causal blocks have a cache: a chunk's queries see the cache up to their own index (so slots not
+    yet written are never read), except where `key_mask` [B, L_total] is False (padding).
+    """
+    if not self.causal:
+      raise ValueError("a key/value cache serves causal blocks only: a bidirectional query sees later keys")
+    h = self.attn_norm(x)
+    q, k, v = self.rotated_qkv(h, positions)  # [B, C, N, H] each
+    cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), offset, 1),
+                    jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), offset, 1))
+    chunk, total = x.shape[1], cache.keys.shape[1]
+    seen = jnp.arange(total)[None, :] <= offset + jnp.arange(chunk)[:, None]  # [C, L_total], causal by index
+    mask = seen[None, None] & key_mask[:, None, None, :]  # [B, 1, C, L_total]
+    out = jax.nn.dot_product_attention(q, cache.keys, cache.values, mask=mask)  # [B, C, N, H]
+    return x + self.attn_out(out.reshape(x.shape)) + self.mlp(self.mlp_norm(x)), cache
 
   def mlp(self, x: jax.Array) -> jax.Array:
     return self.mlp_out(jax.nn.gelu(self.mlp_in(x), approximate=False))
@@ -121,6 +154,24 @@ class NeoXTransformer(nnx.Module):
     for layer in self.layers:
       x = run(layer, x, positions, key_mask)
     return self.final_norm(x)
+
+  def init_cache(self, batch: int, length: int) -> list[KVCache]:
+    """An empty cache per layer for `length` positions, in the dtype the keys are computed in."""
+    qkv = self.layers[0].qkv
+    dtype = qkv.dtype or qkv.kernel.dtype
+    shape = (batch, length, self.num_heads, self.d_model // self.num_heads)  # [B, L_total, N, H]
+    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
+
+  def extend(self, x: jax.Array, positions: jax.Array, caches: list[KVCache], offset: jax.Array,
+             key_mask: jax.Array) -> tuple[jax.Array, list[KVCache]]:
+    """A chunk x [B, C, D] at `offset` of a causal sequence whose earlier positions are in `caches`:
+    -> (hidden states [B, C, D] float32, the caches with the chunk written in). Running a sequence chunk by
+    chunk gives what `__call__` gives on the whole of it; key_mask [B, L_total] covers the whole sequence."""
+    new_caches = []
+    for layer, cache in zip(self.layers, caches):
+      x, cache = layer.extend(x, positions, cache, offset, key_mask)
+      new_caches.append(cache)
+    return self.final_norm(x), new_caches
 
 
 def _run_block(layer: NeoXBlock, x, positions, key_mask):
