@@ -1,12 +1,13 @@
-"""Cached chunked generation (`TokenGenerator.generate`) against the one-pass generator: same tokens and EOS
-on every kept slot, same lengths, an early stop that really stops, and one compilation for every budget."""
+"""Making short sequences cheap. Cached chunked generation (`TokenGenerator.generate`) against the one-pass
+generator: same tokens and EOS on every kept slot, same lengths, an early stop that really stops, and one
+compilation for every budget. Length-bucketed decoding against the full decoder."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from dove_jax.models import eos
+from dove_jax.models import buckets, eos
 from dove_jax.models.dove import DOVE
 from dove_jax.models.generator import TokenGenerator
 
@@ -46,8 +47,8 @@ def assert_same_kept_slots(one_pass, chunked, budget):
   return np.asarray(lengths)
 
 
-@pytest.mark.parametrize("chunk_size", [5, 7, 32])  # 7 and 32 do not divide n = 20
-@pytest.mark.parametrize("budget", [None, 5, [3, 0, 20]], ids=["predicted", "forced", "mixed"])
+@pytest.mark.parametrize("budget, chunk_size", [  # 7 and 32 do not divide n = 20
+    (None, 7), (None, 32), (5, 4), ([3, 0, 20], 5), ([3, 0, 20], 7)])
 def test_chunked_equals_one_pass(generator, features, chunk_size, budget):
   budget = None if budget is None else jnp.asarray(budget)
   with jax.default_matmul_precision("highest"):
@@ -109,16 +110,24 @@ def test_no_recompile_for_new_budgets_or_lengths(generator, features, count_comp
   assert c.count == 0, f"{c.count} recompilations for new budgets"
 
 
-def test_dove_encode_chunked_equals_one_pass():
-  model = DOVE(image_size=32, vqgan=dict(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=8,
-                                         num_vq_embeddings=32, vq_embed_dim=8, norm_num_groups=8,
-                                         mid_block_attention=False),
-               generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-               decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64), max_tokens=16,
-               eos_bias_init=0.0, rngs=nnx.Rngs(0))
-  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+@pytest.fixture(scope="module")
+def dove():
+  return DOVE(image_size=32, vqgan=dict(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=8,
+                                        num_vq_embeddings=32, vq_embed_dim=8, norm_num_groups=8,
+                                        mid_block_attention=False),
+              generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
+              decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64), max_tokens=16,
+              eos_bias_init=0.0, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+
+
+def test_dove_encode_chunked_equals_one_pass(dove, images):
+  graphdef, state = nnx.split(dove)
   budget = jnp.asarray([5, 0])
-  graphdef, state = nnx.split(model)
   encode = jax.jit(lambda state, chunk_size: nnx.merge(graphdef, state).encode(images, budget,
                                                                              chunk_size=chunk_size),
                    static_argnums=1)
@@ -127,3 +136,41 @@ def test_dove_encode_chunked_equals_one_pass():
   np.testing.assert_array_equal(chunked.lengths, full.lengths)
   np.testing.assert_array_equal(chunked.mask, full.mask)
   np.testing.assert_allclose(chunked.tokens, full.tokens, atol=1e-5)  # zero after each length in both
+
+
+def test_bucket_sizes():
+  assert buckets.bucket_sizes(256) == (16, 32, 64, 128, 256)
+  assert buckets.bucket_sizes(20, smallest=4) == (4, 8, 16, 20)
+  assert buckets.bucket_sizes(16) == (16,)
+
+
+def test_bucketed_decode_equals_full_decode_in_one_compilation(dove, images, count_compiles):
+  graphdef, state = nnx.split(dove)
+  sizes = (2, 4, 8, 16)
+
+  @jax.jit
+  def encode_decode(state, budget):
+    model = nnx.merge(graphdef, state)
+    tokens = model.encode(images, budget)
+    return model.decode(tokens), buckets.decode(model, tokens, sizes)
+
+  with jax.default_matmul_precision("highest"):
+    encode_decode(state, jnp.asarray([1, 1]))
+    with count_compiles() as c:
+      for budget in ([1, 2], [3, 1], [8, 5], [9, 16], [0, 0]):  # every bucket, and the predicted lengths
+        full, bucketed = encode_decode(state, jnp.asarray(budget))
+        np.testing.assert_allclose(bucketed, full, atol=1e-5)
+  assert c.count == 0, f"{c.count} recompilations for new lengths"
+
+
+def test_decoder_on_a_cut_sequence_matches_the_whole(dove):
+  """The property bucketing rests on, per bucket: cut to m >= the longest length, with the rotary positions
+  laid out for all n slots, the token decoder gives the same latents."""
+  tokens = jax.random.normal(jax.random.key(3), (2, 16, 32))  # [B, n, D]
+  mask = eos.length_mask(jnp.asarray([3, 5]), 16)  # [B, n]
+  with jax.default_matmul_precision("highest"):
+    full = dove.token_decoder(tokens, mask)
+    cut = dove.token_decoder(tokens[:, :6], mask[:, :6], num_slots=16)
+    wrong = dove.token_decoder(tokens[:, :6], mask[:, :6])  # the latent queries at the wrong positions
+  np.testing.assert_allclose(cut, full, atol=1e-5)
+  assert np.abs(np.asarray(wrong) - np.asarray(full)).max() > 1e-3
