@@ -116,6 +116,21 @@ def test_padding_is_invisible(pythia, causal):
   np.testing.assert_allclose(padded[1, pad:], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_outputs_only_match_the_full_output(pythia, causal):
+  """num_outputs=T computes the last block for the last T positions only: the same as slicing the output."""
+  _, folder = pythia
+  model = converted(folder, causal=causal)
+  x = random_embeds(6)
+  key_mask = jnp.asarray(np.arange(LENGTH)[None] >= np.array([[0], [5]]))  # [B, L], row 1 left-padded
+  graphdef, state = nnx.split(model)
+  with jax.default_matmul_precision("highest"):
+    full = nnx.merge(graphdef, state)(jnp.asarray(x), key_mask=key_mask)
+    last = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, key_mask=key_mask, num_outputs=15))(state, x)
+  assert last.shape == (BATCH, 15, 128)
+  np.testing.assert_allclose(last, full[:, -15:], atol=1e-5)
+
+
 def test_bfloat16_compute(pythia):
   _, folder = pythia
   model = converted(folder, causal=True)

@@ -62,7 +62,7 @@ class TokenGenerator(nnx.Module):
 
   def outputs(self, x, positions, key_mask):
     """The last n positions of the transformer's output: tokens [B, n, W] and eos_prob [B, n]."""
-    out = self.transformer(x, positions=positions, key_mask=key_mask)[:, -self.max_tokens:]
+    out = self.transformer(x, positions=positions, key_mask=key_mask, num_outputs=self.max_tokens)
     return out, self.eos_probability(out)
 
   def eos_probability(self, out: jax.Array) -> jax.Array:

@@ -49,6 +49,11 @@ def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
 
 
+def causal_mask(num_queries: int, num_keys: int, offset) -> jax.Array:
+  """[T, L] bool: query i, at index offset + i of the sequence, sees keys 0..offset + i."""
+  return jnp.arange(num_keys)[None, :] <= offset + jnp.arange(num_queries)[:, None]
+
+
 class KVCache(NamedTuple):
   """One causal block's keys and values for a whole sequence, [B, L_total, N, H] each; static shape, filled
   chunk by chunk, so one compiled loop serves every length."""
@@ -83,15 +88,27 @@ class NeoXBlock(nnx.Module):
     self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    """x [B, L, D], positions [B, L] int32, key_mask [B, L] bool (False = padding no query sees) -> [B, L, D]."""
-    return x + self.attention(self.attn_norm(x), positions, key_mask) + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
+               num_outputs: int | None = None) -> jax.Array:
+    """x [B, L, D], positions [B, L] int32, key_mask [B, L] bool (False = padding no query sees) -> [B, T, D].
 
-  def attention(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    q, k, v = self.rotated_qkv(x, positions)  # [B, L, N, H] each
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, Lq, Lk]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, N, H]
-    return self.attn_out(out.reshape(x.shape))
+    T = num_outputs (default L): only the last T positions are computed as queries and returned, while all
+    L serve as keys; a last block whose caller reads only those skips the rest of the attention and MLP.
+    """
+    length = x.shape[1]
+    q, k, v = self.rotated_qkv(self.attn_norm(x), positions)  # [B, L, N, H] each
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, T, L]
+    if num_outputs is None or num_outputs == length:
+      return self.residual(x, jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal))
+    q, x = q[:, -num_outputs:], x[:, -num_outputs:]  # [B, T, N, H], [B, T, D]
+    if self.causal:
+      seen = causal_mask(num_outputs, length, length - num_outputs)[None, None]  # [1, 1, T, L]
+      mask = seen if mask is None else mask & seen
+    return self.residual(x, jax.nn.dot_product_attention(q, k, v, mask=mask))
+
+  def residual(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+    """The parallel residual of queries x [B, T, D] with their attention outputs [B, T, N, H]."""
+    return x + self.attn_out(attended.reshape(x.shape)) + self.mlp(self.mlp_norm(x))
 
   def rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, L, D] -> q, k, v [B, L, N, H], with the rotary phases of `positions` on q and k."""
@@ -111,15 +128,13 @@ class NeoXBlock(nnx.Module):
     """
     if not self.causal:
       raise ValueError("a key/value cache serves causal blocks only: a bidirectional query sees later keys")
-    h = self.attn_norm(x)
-    q, k, v = self.rotated_qkv(h, positions)  # [B, C, N, H] each
+    q, k, v = self.rotated_qkv(self.attn_norm(x), positions)  # [B, C, N, H] each
     cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), offset, 1),
                     jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), offset, 1))
-    chunk, total = x.shape[1], cache.keys.shape[1]
-    seen = jnp.arange(total)[None, :] <= offset + jnp.arange(chunk)[:, None]  # [C, L_total], causal by index
+    seen = causal_mask(x.shape[1], cache.keys.shape[1], offset)  # [C, L_total]
     mask = seen[None, None] & key_mask[:, None, None, :]  # [B, 1, C, L_total]
     out = jax.nn.dot_product_attention(q, cache.keys, cache.values, mask=mask)  # [B, C, N, H]
-    return x + self.attn_out(out.reshape(x.shape)) + self.mlp(self.mlp_norm(x)), cache
+    return self.residual(x, out), cache
 
   def mlp(self, x: jax.Array) -> jax.Array:
     return self.mlp_out(jax.nn.gelu(self.mlp_in(x), approximate=False))
@@ -144,15 +159,19 @@ class NeoXTransformer(nnx.Module):
         for _ in range(num_layers)])
     self.final_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-               key_mask: jax.Array | None = None) -> jax.Array:
-    """x [B, L, D] -> [B, L, D] float32. positions [B, L] default to 0..L-1; key_mask [B, L], False = padding."""
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None,
+               num_outputs: int | None = None) -> jax.Array:
+    """x [B, L, D] -> [B, T, D] float32. positions [B, L] default to 0..L-1; key_mask [B, L], False = padding.
+
+    T = num_outputs (default L): the hidden states of the last T positions only, which the last block then
+    computes alone (what DOVE reads: the generator's slots, the decoder's latent queries).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # [B, L]
     # remat: keep only each block's input for the backward pass and recompute the rest (memory for compute).
-    run = nnx.remat(_run_block) if self.remat else _run_block
-    for layer in self.layers:
-      x = run(layer, x, positions, key_mask)
+    run = nnx.remat(_run_block, static_argnums=4) if self.remat else _run_block
+    for i, layer in enumerate(self.layers):
+      x = run(layer, x, positions, key_mask, num_outputs if i == len(self.layers) - 1 else None)
     return self.final_norm(x)
 
   def init_cache(self, batch: int, length: int) -> list[KVCache]:
@@ -174,5 +193,5 @@ class NeoXTransformer(nnx.Module):
     return self.final_norm(x), new_caches
 
 
-def _run_block(layer: NeoXBlock, x, positions, key_mask):
-  return layer(x, positions, key_mask)
+def _run_block(layer: NeoXBlock, x, positions, key_mask, num_outputs):
+  return layer(x, positions, key_mask, num_outputs)

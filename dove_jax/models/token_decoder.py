@@ -41,5 +41,5 @@ class TokenDecoder(nnx.Module):
     key_mask = jnp.concatenate([mask.astype(bool), jnp.ones(queries.shape[:2], bool)], axis=1)
     positions = jnp.concatenate([jnp.arange(m, dtype=jnp.int32), n + jnp.arange(queries.shape[1], dtype=jnp.int32)])
     positions = jnp.broadcast_to(positions, key_mask.shape)  # [B, m + P]
-    out = self.transformer(x, positions=positions, key_mask=key_mask)[:, m:]  # [B, P, W]
+    out = self.transformer(x, positions=positions, key_mask=key_mask, num_outputs=queries.shape[1])  # [B, P, W]
     return self.latent_out(out).reshape(b, self.grid_size, self.grid_size, -1)
