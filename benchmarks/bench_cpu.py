@@ -86,12 +86,25 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
 
 
 def run_torch(preset: str, batch: int, repeats: int, threads: int, train: bool, folder: Path) -> dict:
-  """benchmarks/torch_reference.py in a fresh process; returns its timings (its weights and outputs stay in
-  `folder`)."""
+  """benchmarks/torch_reference.py in a fresh process, once with OpenMP's default (spinning) wait policy and
+  once with OMP_WAIT_POLICY=PASSIVE; per phase the faster of the two is kept, named in `omp_wait_policy`.
+  Spinning threads are fastest on an idle machine, but when another process holds a core each of the many
+  small parallel regions can wait for a descheduled thread (we saw 10x swings): the reference gets the better
+  of both. Its weights and outputs stay in `folder` (the default-policy run's)."""
   command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset,
-             "--batch", str(batch), "--repeats", str(repeats), "--threads", str(threads), "--out", str(folder)]
-  subprocess.run(command + (["--train"] if train else []), check=True)
-  return json.loads((folder / "timings.json").read_text())
+             "--batch", str(batch), "--repeats", str(repeats), "--threads", str(threads)]
+  command += ["--train"] if train else []
+  best = {}
+  for policy, out in [("default", folder), ("PASSIVE", folder / "passive")]:
+    env = dict(os.environ, OMP_WAIT_POLICY=policy) if policy != "default" else os.environ
+    subprocess.run(command + ["--out", str(out)], check=True, env=env)
+    timings = json.loads((out / "timings.json").read_text())
+    for phase in ("encode", "decode", "train_step"):
+      if phase in timings and (phase not in best or timings[phase]["median_s"] < best[phase]["median_s"]):
+        best[phase] = dict(timings[phase], omp_wait_policy=policy)
+    best.update({k: v for k, v in timings.items() if k in ("torch", "threads")},
+                matmul_gflops=max(best.get("matmul_gflops", 0), timings["matmul_gflops"]))
+  return best
 
 
 def load_torch_weights(model: DOVE, weights: dict[str, np.ndarray]) -> None:
@@ -223,23 +236,24 @@ def table(results: dict) -> str:
            f"f32 matmul {peak['n']}^2 peak: JAX {peak['gflops']:.1f} GFLOP/s, "
            f"PyTorch {fmt(peak.get('torch_gflops'), '.1f')} GFLOP/s", ""]
   header = (f"{'config':<6} {'phase':<7} {'impl':<6} {'s/batch':>8} {'best s':>8} {'img/s':>8} {'compile s':>9} "
-            f"{'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6} {'mem MiB':>8} {'ours/theirs':>11}")
+            f"{'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6} {'mem MiB':>8} {'ours/theirs':>11} {'(best)':>6}")
   lines += [header, "-" * len(header)]
   for name, run in results["configs"].items():
     for phase in ("encode", "decode", "train_step"):
       if phase not in run:
         continue
       ours, theirs = run[phase], run.get("torch", {}).get(phase)
-      ratio = theirs and ours["images_per_s"] * theirs["median_s"] / run["batch"]
+      ratio = theirs and theirs["median_s"] / ours["median_s"]  # images/s ours over theirs
+      best_ratio = theirs and theirs["best_s"] / ours["best_s"]
       pct = ours.get("peak_fraction") and 100 * ours["peak_fraction"]
       lines.append(f"{name:<6} {phase[:7]:<7} {'jax':<6} {ours['median_s']:>8.4f} {ours['best_s']:>8.4f} "
                    f"{ours['images_per_s']:>8.2f} {ours['compile_s']:>9.2f} {fmt(ours.get('gflop')):>8} "
                    f"{fmt(ours.get('gflops_per_s'), '.1f'):>8} {fmt(pct, '.1f'):>6} "
-                   f"{ours['xla_memory_mib']:>8.0f} {fmt(ratio, '.2f'):>11}")
+                   f"{ours['xla_memory_mib']:>8.0f} {fmt(ratio, '.2f'):>11} {fmt(best_ratio, '.2f'):>6}")
       if theirs:
         lines.append(f"{name:<6} {phase[:7]:<7} {'torch':<6} {theirs['median_s']:>8.4f} {theirs['best_s']:>8.4f} "
                      f"{run['batch'] / theirs['median_s']:>8.2f} {'-':>9} {'-':>8} {'-':>8} {'-':>6} "
-                     f"{theirs['max_rss_mib']:>8.0f} {'':>11}")
+                     f"{theirs['max_rss_mib']:>8.0f}  OMP {theirs['omp_wait_policy']}")
     if "max_abs_diff_vs_torch" in run:
       diffs = ", ".join(f"{k} {v:.2e}" for k, v in run["max_abs_diff_vs_torch"].items())
       lines.append(f"{name:<6} jax vs torch max |diff|: {diffs}")

@@ -94,7 +94,7 @@ class TokenGenerator(nnx.Module):
     positions = rotary_positions(key_mask)  # [B, S + n']
     slots = self.slot_inputs(b, padded, prefix.dtype)  # [B, n', W]
     caches = self.transformer.init_cache(b, s + padded)
-    _, caches = self.transformer.extend(prefix, positions[:, :s], caches, 0, key_mask)
+    _, caches = self.transformer.extend(prefix, positions[:, :s], caches, 0, key_mask, compute_output=False)
     forced = eos.forced_lengths(token_budget, b, n)  # [B], 0 = stop at the EOS
 
     def unfinished(carry):

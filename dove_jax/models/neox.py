@@ -139,22 +139,28 @@ class NeoXBlock(nnx.Module):
     cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rotary_base)  # [B, L, R]
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-  def extend(self, x: jax.Array, positions: jax.Array, cache: KVCache, offset: jax.Array,
-             key_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+  def extend(self, x: jax.Array, positions: jax.Array, cache: KVCache, offset: jax.Array | int,
+             key_mask: jax.Array, *, compute_output: bool = True) -> tuple[jax.Array | None, KVCache]:
     """The block on a chunk that sits at `offset` of a longer causal sequence whose earlier keys and values
     are in `cache`: x [B, C, D] -> ([B, C, D], the cache with this chunk's keys and values written in).
 
     Only causal blocks have a cache: a chunk's queries see the cache up to their own index (so slots not
-    yet written are never read), except where `key_mask` [B, L_total] is False (padding).
+    yet written are never read), except where `key_mask` [B, L_total] is False (padding). With
+    compute_output=False only the cache is written (the output is None): what a last block needs for a
+    prefix whose own outputs nobody reads.
     """
     if not self.causal:
       raise ValueError("a key/value cache serves causal blocks only: a bidirectional query sees later keys")
     q, k, v = self.rotated_qkv(self.attn_norm(x), positions)  # [B, C, N, H] each
     cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), offset, 1),
                     jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), offset, 1))
-    seen = causal_mask(x.shape[1], cache.keys.shape[1], offset)  # [C, L_total]
-    mask = seen[None, None] & key_mask[:, None, None, :]  # [B, 1, C, L_total]
-    out = dot_product_attention(q, cache.keys, cache.values, mask=mask)  # [B, C, N, H]
+    if not compute_output:
+      return None, cache
+    chunk = x.shape[1]
+    # A static offset (the prefix) reads only the keys up to its chunk's end: sliced, not masked.
+    seen = offset + chunk if isinstance(offset, int) else cache.keys.shape[1]
+    mask = causal_mask(chunk, seen, offset)[None, None] & key_mask[:, None, None, :seen]  # [B, 1, C, seen]
+    out = dot_product_attention(q, cache.keys[:, :seen], cache.values[:, :seen], mask=mask)  # [B, C, N, H]
     return self.residual(x, out), cache
 
   def mlp(self, x: jax.Array) -> jax.Array:
@@ -202,16 +208,19 @@ class NeoXTransformer(nnx.Module):
     shape = (batch, length, self.num_heads, self.d_model // self.num_heads)  # [B, L_total, N, H]
     return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
 
-  def extend(self, x: jax.Array, positions: jax.Array, caches: list[KVCache], offset: jax.Array,
-             key_mask: jax.Array) -> tuple[jax.Array, list[KVCache]]:
+  def extend(self, x: jax.Array, positions: jax.Array, caches: list[KVCache], offset: jax.Array | int,
+             key_mask: jax.Array, *, compute_output: bool = True) -> tuple[jax.Array | None, list[KVCache]]:
     """A chunk x [B, C, D] at `offset` of a causal sequence whose earlier positions are in `caches`:
     -> (hidden states [B, C, D] float32, the caches with the chunk written in). Running a sequence chunk by
-    chunk gives what `__call__` gives on the whole of it; key_mask [B, L_total] covers the whole sequence."""
+    chunk gives what `__call__` gives on the whole of it; key_mask [B, L_total] covers the whole sequence.
+    compute_output=False only fills the caches (the last block stops at its keys and values; output None).
+    """
     new_caches = []
-    for layer, cache in zip(self.layers, caches):
-      x, cache = layer.extend(x, positions, cache, offset, key_mask)
+    for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+      needed = compute_output or i < len(self.layers) - 1
+      x, cache = layer.extend(x, positions, cache, offset, key_mask, compute_output=needed)
       new_caches.append(cache)
-    return self.final_norm(x), new_caches
+    return (self.final_norm(x) if compute_output else None), new_caches
 
 
 def _run_block(layer: NeoXBlock, x, positions, key_mask, num_outputs):
