@@ -13,7 +13,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
 from dove_jax.convert.common import ConversionError, param_dict, read_tensors
 from dove_jax.convert.neox import check_neox_config, load_pythia, read_embed_in
-from dove_jax.models.neox import PYTHIA_14M, PYTHIA_70M, NeoXTransformer
+from dove_jax.models.neox import PYTHIA_14M, PYTHIA_70M, NeoXTransformer, dot_product_attention
 
 BATCH, LENGTH, VOCAB = 2, 40, 64
 
@@ -114,6 +114,31 @@ def test_padding_is_invisible(pythia, causal):
   assert np.isfinite(padded).all()
   np.testing.assert_allclose(repadded[1, pad:], padded[1, pad:], atol=1e-5)
   np.testing.assert_allclose(padded[1, pad:], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_outputs_only_match_the_full_output(pythia, causal):
+  """num_outputs=T computes the last block for the last T positions only: the same as slicing the output."""
+  _, folder = pythia
+  model = converted(folder, causal=causal)
+  x = random_embeds(6)
+  key_mask = jnp.asarray(np.arange(LENGTH)[None] >= np.array([[0], [5]]))  # [B, L], row 1 left-padded
+  graphdef, state = nnx.split(model)
+  with jax.default_matmul_precision("highest"):
+    full = nnx.merge(graphdef, state)(jnp.asarray(x), key_mask=key_mask)
+    last = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, key_mask=key_mask, num_outputs=15))(state, x)
+  assert last.shape == (BATCH, 15, 128)
+  np.testing.assert_allclose(last, full[:, -15:], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_jax_nn(causal):
+  q, k, v = (jax.random.normal(key, (2, 12, 3, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  mask = jnp.asarray(np.arange(12)[None] >= np.array([[0], [4]]))[:, None, None, :]  # [B, 1, 1, L]
+  with jax.default_matmul_precision("highest"):
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask, is_causal=causal), expected, atol=1e-6)
+  assert np.isfinite(dot_product_attention(q, k, v, jnp.zeros((1, 1, 1, 12), bool))).all()  # no key at all
 
 
 def test_bfloat16_compute(pythia):

@@ -101,13 +101,17 @@ class DOVE(nnx.Module):
   # -- the public API -----------------------------------------------------------------------------------
 
   def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None,
-             query: jax.Array | None = None, query_mask: jax.Array | None = None) -> Tokens:
+             query: jax.Array | None = None, query_mask: jax.Array | None = None, *,
+             chunk_size: int = 0) -> Tokens:
     """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths.
 
     Q-DOVE only: `query` [B, Q] int token ids and `query_mask` [B, Q] bool (False = padding; default: all
     True). A row of padding only is an empty query: the image is encoded as a whole.
+
+    chunk_size > 0 generates the slots that many at a time with a key/value cache and stops once every image
+    has its length (`TokenGenerator.generate`): the same Tokens, cheaper when sequences are short.
     """
-    return self._encode(images, token_budget, query, query_mask)[0]
+    return self._encode(images, token_budget, query, query_mask, chunk_size)[0]
 
   def decode(self, tokens: Tokens) -> jax.Array:
     """Tokens -> images [B, H, W, 3] (about [-1, 1])."""
@@ -121,7 +125,7 @@ class DOVE(nnx.Module):
 
   # -- the steps ----------------------------------------------------------------------------------------
 
-  def _encode(self, images, token_budget, query=None, query_mask=None):
+  def _encode(self, images, token_budget, query=None, query_mask=None, chunk_size=0):
     check_images(images, self.image_size)
     if query is not None:
       query, query_mask = self._embed_query(query, query_mask, images.shape[0])
@@ -131,7 +135,10 @@ class DOVE(nnx.Module):
       vq = self.vqgan.quantize(features)
       features = vq.quantized
     b, h, w, c = features.shape
-    tokens, eos_prob = self.generator(features.reshape(b, h * w, c), query, query_mask)  # [B, n, D], [B, n]
+    grid = features.reshape(b, h * w, c)  # [B, P, C]
+    tokens, eos_prob = (self.generator.generate(grid, query, query_mask, token_budget=token_budget,
+                                                threshold=self.eos_threshold, chunk_size=chunk_size)
+                        if chunk_size else self.generator(grid, query, query_mask))  # [B, n, D], [B, n]
     mask, lengths = eos.eos_mask(eos_prob, token_budget, self.eos_threshold)
     return Tokens(eos.apply_mask(tokens, mask), mask, lengths, eos_prob), features, vq
 

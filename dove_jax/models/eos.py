@@ -29,9 +29,17 @@ def eos_mask(eos_prob: jax.Array, token_budget: jax.Array | int | None = None,
   fired_before = jnp.pad(jax.lax.cummax(fired, axis=1), ((0, 0), (1, 0)))[:, :n]
   lengths = jnp.sum(1 - fired_before, axis=1, dtype=jnp.int32)  # [B]
   if token_budget is not None:
-    budget = jnp.broadcast_to(jnp.asarray(token_budget, jnp.int32), lengths.shape)
-    lengths = jnp.where(budget > 0, jnp.minimum(budget, n), lengths)
+    forced = forced_lengths(token_budget, lengths.shape[0], n)
+    lengths = jnp.where(forced > 0, forced, lengths)
   return length_mask(lengths, n), lengths
+
+
+def forced_lengths(token_budget: jax.Array | int | None, batch: int, n: int) -> jax.Array:
+  """[B] int32: min(k, n) for an image with budget k >= 1, 0 for one left at its predicted length."""
+  if token_budget is None:
+    return jnp.zeros((batch,), jnp.int32)
+  budget = jnp.broadcast_to(jnp.asarray(token_budget, jnp.int32), (batch,))
+  return jnp.where(budget > 0, jnp.minimum(budget, n), 0)
 
 
 def length_mask(lengths: jax.Array, n: int) -> jax.Array:

@@ -1,0 +1,222 @@
+"""The PyTorch reference: DOVE composed from diffusers' `VQModel` and two transformers `GPTNeoXModel`s, timed
+in its own process.
+
+  python benchmarks/torch_reference.py --config tiny --batch 8 --out DIR
+
+bench_cpu.py runs this before JAX does anything: in one process, XLA's idle worker threads slowed PyTorch
+by up to 10x on 2 cores. It writes DIR/weights.npz (every weight of the model, from torch's own random
+init: bench_cpu.py converts them into our DOVE with our converters), DIR/outputs.npz (its encode / decode
+outputs on the shared inputs, to compare) and DIR/timings.json.
+
+The train step is the same as ours with LPIPS off (there is no PyTorch LPIPS with bundled weights here):
+forward at random budgets, L_rec = MSE + GAN (hinge), the EOS length loss, AdamW with clipping, then one
+discriminator step on the hinge loss. Timings are medians after one warm-up call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import bench_inputs, max_rss_mib, median_time  # noqa: E402
+from configs.dove import get_config  # noqa: E402
+from dove_jax.models.dove import _transformer_kwargs  # noqa: E402
+from dove_jax.models.embeddings import grid_encoding, timestep_encoding  # noqa: E402
+from dove_jax.models.vqgan import AMUSED_VQGAN  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def vqmodel(vqgan: dict):
+  from diffusers import VQModel
+  stages = len(vqgan["block_out_channels"])
+  return VQModel(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * stages,
+      up_block_types=("UpDecoderBlock2D",) * stages, block_out_channels=tuple(vqgan["block_out_channels"]),
+      layers_per_block=vqgan["layers_per_block"], act_fn="silu", latent_channels=vqgan["latent_channels"],
+      num_vq_embeddings=vqgan["num_vq_embeddings"], norm_num_groups=vqgan["norm_num_groups"],
+      vq_embed_dim=vqgan["vq_embed_dim"], norm_type="group",
+      mid_block_add_attention=vqgan["mid_block_attention"])
+
+
+def neox(spec: dict, max_positions: int):
+  from transformers import GPTNeoXConfig, GPTNeoXModel
+  config = GPTNeoXConfig(hidden_size=spec["d_model"], num_hidden_layers=spec["num_layers"],
+                         num_attention_heads=spec["num_heads"], intermediate_size=spec["mlp_dim"],
+                         rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
+                         hidden_act="gelu", max_position_embeddings=max_positions, vocab_size=16)
+  return GPTNeoXModel(config)
+
+
+def lengths_from_eos(eos_prob: torch.Tensor, budget: torch.Tensor, threshold: float) -> torch.Tensor:
+  """dove_jax.models.eos.eos_mask's lengths: the first slot whose EOS fires (or n), forced where budget > 0."""
+  n = eos_prob.shape[1]
+  fired = (eos_prob > threshold).int()
+  fired_before = torch.nn.functional.pad(torch.cummax(fired, dim=1).values, (1, 0))[:, :n]
+  lengths = (1 - fired_before).sum(dim=1)
+  return torch.where(budget > 0, torch.clamp(budget, max=n), lengths)
+
+
+class TorchDOVE(torch.nn.Module):
+  """DOVE as dove_jax.models.dove, from diffusers + transformers: the VQ-GAN encoder, a causal GPT-NeoX over
+  [features; slots], EOS masking, a bidirectional GPT-NeoX over [tokens; latent queries], the VQ-GAN decoder."""
+
+  def __init__(self, model_config):
+    super().__init__()
+    vqgan = dict(model_config.vqgan or AMUSED_VQGAN)
+    generator, decoder = _transformer_kwargs(model_config.generator), _transformer_kwargs(model_config.decoder)
+    grid = model_config.image_size // 2 ** (len(vqgan["block_out_channels"]) - 1)
+    self.max_tokens, self.threshold = model_config.max_tokens, model_config.eos_threshold
+    positions = grid * grid + self.max_tokens
+    self.vq = vqmodel(vqgan)
+    self.generator, self.decoder = neox(generator, positions), neox(decoder, positions)
+    width, latent = generator["d_model"], vqgan["vq_embed_dim"]
+    self.feature_proj = torch.nn.Linear(latent, width)
+    self.feature_positions = torch.nn.Parameter(torch.from_numpy(grid_encoding(grid, width)))
+    self.register_buffer("slots", torch.from_numpy(timestep_encoding(self.max_tokens, width)))
+    self.eos_head = torch.nn.Linear(width, 1)
+    torch.nn.init.constant_(self.eos_head.bias, model_config.eos_bias_init)
+    self.token_proj = torch.nn.Linear(width, decoder["d_model"])
+    self.latent_queries = torch.nn.Parameter(torch.from_numpy(grid_encoding(grid, decoder["d_model"])))
+    self.latent_out = torch.nn.Linear(decoder["d_model"], latent)
+
+  def encode(self, images: torch.Tensor, budget: torch.Tensor):
+    """images [B, 3, H, W], budget [B] (<= 0 = predicted) -> tokens [B, n, W], mask [B, n], eos_prob [B, n],
+    lengths [B]."""
+    features = self.vq.encode(images).latents  # [B, C, h, w]
+    b = features.shape[0]
+    features = features.permute(0, 2, 3, 1).reshape(b, -1, features.shape[1])  # [B, P, C], row-major
+    x = torch.cat([self.feature_proj(features) + self.feature_positions, self.slots.expand(b, -1, -1)], dim=1)
+    out = self.generator(inputs_embeds=x).last_hidden_state[:, -self.max_tokens:]  # causal
+    eos_prob = torch.sigmoid(self.eos_head(out)[..., 0])
+    lengths = lengths_from_eos(eos_prob.detach(), budget, self.threshold)
+    mask = torch.arange(1, self.max_tokens + 1)[None] <= lengths[:, None]
+    return torch.where(mask[..., None], out, 0.0), mask, eos_prob, lengths
+
+  def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tokens [B, n, W], mask [B, n] -> images [B, 3, H, W]."""
+    b, n = mask.shape
+    queries = self.latent_queries.expand(b, -1, -1)
+    x = torch.cat([self.token_proj(tokens), queries], dim=1)
+    keys = torch.cat([mask, torch.ones(queries.shape[:2], dtype=torch.bool)], dim=1)  # [B, L]
+    attention = torch.zeros(b, 1, x.shape[1], x.shape[1]).masked_fill(~keys[:, None, None], float("-inf"))
+    out = self.decoder(inputs_embeds=x, attention_mask=attention).last_hidden_state[:, n:]  # bidirectional
+    grid = int(round(out.shape[1] ** 0.5))
+    latents = self.latent_out(out).reshape(b, grid, grid, -1).permute(0, 3, 1, 2)
+    return self.vq.decode(latents, force_not_quantize=True).sample
+
+
+class PatchDiscriminator(torch.nn.Module):
+  """dove_jax.models.discriminator.PatchDiscriminator: taming's NLayerDiscriminator with GroupNorm."""
+
+  def __init__(self, base_channels: int, num_layers: int):
+    super().__init__()
+    widths = [base_channels * min(2 ** i, 8) for i in range(num_layers + 1)]
+    strides = [2] * (num_layers - 1) + [1]
+    layers = [torch.nn.Conv2d(3, widths[0], 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+    for cin, cout, stride in zip(widths[:-1], widths[1:], strides):
+      layers += [torch.nn.Conv2d(cin, cout, 4, stride, 1, bias=False),
+                 torch.nn.GroupNorm(np.gcd(32, cout), cout), torch.nn.LeakyReLU(0.2)]
+    self.net = torch.nn.Sequential(*layers, torch.nn.Conv2d(widths[-1], 1, 4, 1, 1))
+
+  def forward(self, images):
+    return self.net(images)
+
+
+def eos_length_loss(eos_prob, lengths, rec, threshold):
+  """dove_jax.losses.eos_length_loss."""
+  slots = torch.arange(1, eos_prob.shape[1] + 1)[None]
+  m = lengths[:, None]
+  at_stop = torch.where(slots == m, eos_prob, 0.0).sum(1)
+  fewer = -torch.where(slots < m, eos_prob, 0.0).sum(1) / torch.clamp(lengths - 1, min=1)
+  return torch.where(rec.detach() > threshold, at_stop, fewer)
+
+
+def make_train_step(config, model: TorchDOVE, batch: int):
+  """One step of ours (dove_jax.training.step) without LPIPS, as a closure over its optimizers."""
+  disc = PatchDiscriminator(config.discriminator.base_channels, config.discriminator.num_layers)
+  o = config.optim
+  opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), weight_decay=o.weight_decay)
+  disc_opt = torch.optim.AdamW(disc.parameters(), lr=o.disc_learning_rate, betas=(o.b1, o.b2))
+  generator = torch.Generator().manual_seed(0)
+  loss = config.loss
+
+  def step(images: torch.Tensor):
+    forced = torch.rand(batch, generator=generator) < loss.random_length_fraction
+    budget = torch.where(forced, torch.randint(1, model.max_tokens + 1, (batch,), generator=generator), 0)
+    tokens, mask, eos_prob, lengths = model.encode(images, budget)
+    recon = model.decode(tokens, mask)
+    mse = (recon - images).square().mean((1, 2, 3))
+    gan = -disc(recon).mean((1, 2, 3))
+    rec = loss.mse_weight * mse + loss.gan_weight * gan
+    own = (budget == 0).float()
+    l_eos = eos_length_loss(eos_prob, lengths, rec, rec.mean().detach())
+    total = loss.rec_weight * rec.mean() + loss.eos_weight_start * (l_eos * own).sum() / batch
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    opt.step()
+    real, fake = disc(images), disc(recon.detach())
+    disc_loss = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+    disc_opt.zero_grad(set_to_none=True)
+    disc_loss.backward()
+    disc_opt.step()
+    return total.item()  # a host sync, as our step's metrics are read
+
+  return step
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  a = torch.randn(n, n)
+  return 2 * n ** 3 / median_time(lambda: torch.mm(a, a), repeats)["best_s"] / 1e9
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="tiny", help="configs/dove.py preset: 'tiny' or 'paper'")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--threads", type=int, required=True)
+  parser.add_argument("--train", action="store_true", help="also time the train step")
+  parser.add_argument("--out", required=True, help="a folder for weights.npz, outputs.npz, timings.json")
+  args = parser.parse_args()
+  torch.set_num_threads(args.threads)
+  torch.set_flush_denormal(True)  # as XLA's CPU code does (FTZ/DAZ)
+  torch.manual_seed(0)
+  config = get_config("" if args.config == "paper" else args.config)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+
+  model = TorchDOVE(config.model).eval()
+  np.savez(out / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+  images = torch.from_numpy(bench_inputs(config.model.image_size, args.batch).transpose(0, 3, 1, 2).copy())
+  budget = torch.full((args.batch,), config.model.max_tokens)  # full length, as ours in bench_cpu.py
+
+  timings = {"threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_gflops": matmul_peak()}
+  with torch.inference_mode():
+    timings["encode"] = median_time(lambda: model.encode(images, budget), args.repeats)
+    tokens, mask, eos_prob, _ = model.encode(images, budget)
+    timings["encode"]["max_rss_mib"] = max_rss_mib()
+    timings["decode"] = median_time(lambda: model.decode(tokens, mask), args.repeats)
+    recon = model.decode(tokens, mask)
+    timings["decode"]["max_rss_mib"] = max_rss_mib()
+  np.savez(out / "outputs.npz", tokens=tokens.numpy(), eos_prob=eos_prob.numpy(),
+           reconstruction=recon.numpy().transpose(0, 2, 3, 1))
+  if args.train:
+    step = make_train_step(config, model.train(), args.batch)
+    timings["train_step"] = median_time(lambda: step(images), args.repeats)
+    timings["train_step"]["max_rss_mib"] = max_rss_mib()
+  (out / "timings.json").write_text(json.dumps(timings, indent=2))
+
+
+if __name__ == "__main__":
+  main()
