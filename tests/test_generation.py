@@ -168,9 +168,15 @@ def test_decoder_on_a_cut_sequence_matches_the_whole(dove):
   laid out for all n slots, the token decoder gives the same latents."""
   tokens = jax.random.normal(jax.random.key(3), (2, 16, 32))  # [B, n, D]
   mask = eos.length_mask(jnp.asarray([3, 5]), 16)  # [B, n]
+  graphdef, state = nnx.split(dove.token_decoder)
+
+  @jax.jit
+  def decode_three_ways(state):
+    decoder = nnx.merge(graphdef, state)
+    return (decoder(tokens, mask), decoder(tokens[:, :6], mask[:, :6], num_slots=16),
+            decoder(tokens[:, :6], mask[:, :6]))  # the last with the latent queries at the wrong positions
+
   with jax.default_matmul_precision("highest"):
-    full = dove.token_decoder(tokens, mask)
-    cut = dove.token_decoder(tokens[:, :6], mask[:, :6], num_slots=16)
-    wrong = dove.token_decoder(tokens[:, :6], mask[:, :6])  # the latent queries at the wrong positions
+    full, cut, wrong = decode_three_ways(state)
   np.testing.assert_allclose(cut, full, atol=1e-5)
   assert np.abs(np.asarray(wrong) - np.asarray(full)).max() > 1e-3
