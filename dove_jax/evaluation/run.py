@@ -27,11 +27,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import losses
 from dove_jax.data import pipeline
 from dove_jax.evaluation import fid, metrics, plots, probe
+from dove_jax.evaluation.functions import make_functions, mean_token, query_inputs
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED  # keys of the figures at the model's own lengths
-from dove_jax.models.dove import DOVE, Tokens
+from dove_jax.models.dove import DOVE
 from dove_jax.training import checkpoint, loop
 from dove_jax.weights import load_weights
 
@@ -89,45 +89,6 @@ def default_budgets(max_tokens: int) -> list[int]:
   return [budget for budget in PAPER_BUDGETS if budget <= max_tokens]
 
 
-# -- compiled functions -----------------------------------------------------------------------------------
-
-def mean_token(tokens: Tokens) -> jax.Array:
-  """[B, n, D] tokens -> [B, D]: the mean of each image's kept tokens (the linear-probe feature)."""
-  kept = jnp.sum(tokens.tokens * tokens.mask[..., None], axis=1)  # [B, D]
-  return kept / jnp.maximum(tokens.lengths, 1)[:, None]
-
-
-def make_functions(model_def: nnx.GraphDef):
-  """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
-  length), so one compilation serves every budget. `query` is `loop.query_inputs(batch)`: {} for DOVE."""
-
-  @functools.partial(jax.jit, static_argnames="chunk_size")
-  def encode(params, images, budget, query, chunk_size=0):
-    return nnx.merge(model_def, params).encode(images, budget, **query, chunk_size=chunk_size)
-
-  @jax.jit
-  def decode(params, tokens):
-    return nnx.merge(model_def, params).decode(tokens)
-
-  @jax.jit
-  def reconstruct(params, lpips, batch, budget, query):
-    """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
-    for Q-DOVE batches also the MSE inside and outside the query's boxes."""
-    model = nnx.merge(model_def, params)
-    images = batch["image"]
-    tokens = model.encode(images, budget, **query)
-    # The figures are of the image a viewer gets: the decoder's output clipped to the valid range.
-    recon = jnp.clip(model.decode(tokens), -1, 1)  # [B, H, W, 3]
-    out = {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
-           "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images),
-           "lpips": lpips(recon, images)}
-    if "boxes" in batch:
-      out["mse_in_boxes"], out["mse_outside_boxes"] = loop.box_mse(recon, images, batch)
-    return out
-
-  return encode, decode, reconstruct
-
-
 # -- data -------------------------------------------------------------------------------------------------
 
 def batches(source, config: ml_collections.ConfigDict, max_batches: int | None = None):
@@ -149,7 +110,7 @@ def token_features(encode, params, data, count: int | None = None, desc: str = "
   for batch in tqdm(data, total=count, desc=desc):
     images = jnp.asarray(batch["image"])
     keep = np.asarray(batch["valid"])
-    tokens = encode(params, images, jnp.zeros(images.shape[0], jnp.int32), loop.query_inputs(batch, False))
+    tokens = encode(params, images, jnp.zeros(images.shape[0], jnp.int32), query_inputs(batch, False))
     features.append(np.asarray(mean_token(tokens))[keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(features), np.concatenate(labels)
@@ -232,7 +193,7 @@ def probe_figures(encode, params, config, train_source, train_batches: int, eval
 def throughput(encode, decode, params, batch: dict, repeats: int = 3, chunk_size: int = 32) -> dict:
   """Images per second of the compiled encoder (at predicted lengths, with the batch's queries for Q-DOVE),
   one pass and in chunks of `chunk_size` slots with a key/value cache, and of the decoder, after warm-ups."""
-  images, query = jnp.asarray(batch["image"]), loop.query_inputs(batch)
+  images, query = jnp.asarray(batch["image"]), query_inputs(batch)
   budget = jnp.zeros(images.shape[0], jnp.int32)
   tokens = jax.block_until_ready(encode(params, images, budget, query))  # compiles
   jax.block_until_ready(encode(params, images, budget, query, chunk_size=chunk_size))
@@ -290,7 +251,7 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
       samples["batch"] = {name: np.asarray(value)[keep][:SAMPLE_IMAGES] for name, value in batch.items()}
     for key, (budget, with_query) in keys.items():
       out = reconstruct(params, lpips, batch, jnp.full(images.shape[0], budget, jnp.int32),
-                        loop.query_inputs(batch, with_query))
+                        query_inputs(batch, with_query))
       for name, values in per_image[key].items():
         values.append(np.asarray(out[name])[keep])
       if key == feature_key:

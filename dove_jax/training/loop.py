@@ -7,6 +7,7 @@ the step, the RNG and the input iterator's position).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import signal
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from absl import logging
 from flax import nnx
 
 from dove_jax import losses
-from dove_jax.boxes import relevant_boxes, union_mask
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
+from dove_jax.evaluation.functions import make_functions, query_inputs
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.models.dove import DOVE
 from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
@@ -210,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if ckpt.latest_step() is not None:
     logging.info("resuming from step %d", ckpt.latest_step())
     state = ckpt.restore(checkpoint.abstract_like(state, setup.shardings), train_iter)
-  evaluator = Evaluator(config, setup.model_def, eval_source)
+  evaluator = Evaluator(config, setup.model_def, eval_source, setup.lpips)
 
   # ---------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state.step))
@@ -252,80 +253,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return metrics
 
 
-def query_inputs(batch: dict, with_query: bool = True) -> dict:
-  """The model's query arguments from a batch: {} for DOVE; for Q-DOVE the query, or (with_query=False)
-  the same ids all masked, which is no query."""
-  if "query_ids" not in batch:
-    return {}
-  mask = jnp.asarray(batch["query_mask"])
-  return {"query": jnp.asarray(batch["query_ids"]), "query_mask": mask if with_query else jnp.zeros_like(mask)}
-
-
-def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """[B] MSE inside the query's boxes (the whole image for an empty query) and [B] MSE outside them."""
-  boxes, box_mask = relevant_boxes(*(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask")))
-  inside = union_mask(boxes, box_mask, *images.shape[1:3])  # [B, H, W]
-  return losses.outside_mse(recon, images, ~inside), losses.outside_mse(recon, images, inside)
-
-
 class Evaluator:
-  """Validation figures during training: MSE at the model's own lengths, lengths against complexity, and
-  a picture of inputs and reconstructions at a few budgets. For Q-DOVE also the lengths without the query
-  and the MSE inside and outside the query's boxes."""
+  """Validation figures during training: MSE (and SSIM, LPIPS) at the model's own lengths, lengths against
+  complexity, and a picture of inputs and reconstructions at a few budgets. For Q-DOVE also the lengths
+  without the query and the MSE inside and outside the query's boxes. The compiled functions are eval.py's."""
 
-  def __init__(self, config, model_def: nnx.GraphDef, eval_source):
-    self.config = config
+  def __init__(self, config, model_def: nnx.GraphDef, eval_source, lpips=None):
     self.max_tokens = config.model.max_tokens
+    self.lpips = lpips
     dataset = pipeline.make_dataset(eval_source, image_size=config.model.image_size,
                                     global_batch_size=config.data.global_batch_size, seed=config.seed,
                                     train=False, query=query_step(config))
-    batches = []
-    for batch in dataset:
-      batches.append(batch)
-      if len(batches) == config.train.eval_batches:
-        break
-    self.batches = batches  # the same images every time, so the curves compare
+    # The same images every time, so the curves compare.
+    self.batches = list(itertools.islice(dataset, config.train.eval_batches))
+    self.reconstruct = make_functions(model_def)[2]
 
-    @jax.jit
-    def reconstruct(params, images, budget, query):
-      model = nnx.merge(model_def, params)
-      tokens = model.encode(images, budget, **query)
-      return model.decode(tokens), tokens.lengths
-
-    self.reconstruct = reconstruct
-
-  def _run(self, params, batch, budget: int = 0, with_query: bool = True):
-    images = jnp.asarray(batch["image"])
-    budgets = jnp.full(images.shape[0], budget, jnp.int32)
-    return images, *self.reconstruct(params, images, budgets, query_inputs(batch, with_query))
+  def _run(self, params, batch, budget: int = 0, with_query: bool = True) -> dict:
+    budgets = jnp.full(batch["image"].shape[0], budget, jnp.int32)
+    return self.reconstruct(params, self.lpips, batch, budgets, query_inputs(batch, with_query))
 
   def metrics(self, params) -> dict:
     from scipy import stats
-    figures = {name: [] for name in ("mse", "lengths", "complexity", "no_query_lengths", "mse_in", "mse_out")}
+    figures = {}
     for batch in self.batches:
-      images, recon, lengths = self._run(params, batch)
-      keep = np.asarray(batch["valid"])
-      found = {"mse": losses.mse_per_image(recon, images), "lengths": lengths, "complexity": batch["complexity"]}
+      out = self._run(params, batch)
       if "query_ids" in batch:
-        found["mse_in"], found["mse_out"] = box_mse(recon, images, batch)
-        found["no_query_lengths"] = self._run(params, batch, with_query=False)[2]
-      for name, values in found.items():
-        figures[name].append(np.asarray(values)[keep])
-    figures = {name: np.concatenate(values) for name, values in figures.items() if values}
-    lengths, complexity = figures["lengths"], figures["complexity"]
+        out["no_query_lengths"] = self._run(params, batch, with_query=False)["lengths"]
+      out["complexity"] = batch["complexity"]
+      keep = np.asarray(batch["valid"])
+      for name, values in out.items():
+        if name not in ("reconstruction", "features"):
+          figures.setdefault(name, []).append(np.asarray(values)[keep])
+    figures = {name: np.concatenate(values) for name, values in figures.items()}
+    lengths, complexity = figures.pop("lengths"), figures.pop("complexity")
     spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
-    results = {"eval/mse": float(figures["mse"].mean()), "eval/length_mean": float(lengths.mean()),
-               "eval/length_std": float(lengths.std()), "eval/length_complexity_spearman": float(spearman)}
-    if "mse_in" in figures:
-      results.update({"eval/length_mean_no_query": float(figures["no_query_lengths"].mean()),
-                      "eval/mse_in_boxes": float(figures["mse_in"].mean()),
-                      "eval/mse_outside_boxes": float(figures["mse_out"].mean())})
+    results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std()),
+               "eval/length_complexity_spearman": float(spearman)}
+    if "no_query_lengths" in figures:
+      results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
+    results.update({f"eval/{name}": float(values.mean()) for name, values in figures.items()})
     return results
 
   def image_grid(self, params, count: int = 4) -> np.ndarray:
     batch = {name: value[:count] for name, value in self.batches[0].items()}
     budgets = [0, self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
     rows = [np.asarray(batch["image"])]
-    for budget in budgets:
-      rows.append(np.asarray(self._run(params, batch, budget)[1]))
+    rows += [np.asarray(self._run(params, batch, budget)["reconstruction"]) for budget in budgets]
     return image_grid(rows)

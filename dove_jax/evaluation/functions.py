@@ -1,0 +1,69 @@
+"""The compiled functions of evaluation, shared by the in-training evaluator and eval.py: encode, decode and
+reconstruct-with-figures over the split model state, plus the small pieces they need (a batch's query
+arguments, MSE inside and outside the query's boxes, the mean token)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dove_jax import losses
+from dove_jax.boxes import relevant_boxes, union_mask
+from dove_jax.evaluation import metrics
+from dove_jax.models.dove import Tokens
+
+
+def query_inputs(batch: dict, with_query: bool = True) -> dict:
+  """The model's query arguments from a batch: {} for DOVE; for Q-DOVE the query, or (with_query=False)
+  the same ids all masked, which is no query."""
+  if "query_ids" not in batch:
+    return {}
+  mask = jnp.asarray(batch["query_mask"])
+  return {"query": jnp.asarray(batch["query_ids"]), "query_mask": mask if with_query else jnp.zeros_like(mask)}
+
+
+def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """[B] MSE inside the query's boxes (the whole image for an empty query) and [B] MSE outside them."""
+  boxes, box_mask = relevant_boxes(*(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask")))
+  inside = union_mask(boxes, box_mask, *images.shape[1:3])  # [B, H, W]
+  return losses.outside_mse(recon, images, ~inside), losses.outside_mse(recon, images, inside)
+
+
+def mean_token(tokens: Tokens) -> jax.Array:
+  """[B, n, D] tokens -> [B, D]: the mean of each image's kept tokens (the linear-probe feature)."""
+  kept = jnp.sum(tokens.tokens * tokens.mask[..., None], axis=1)  # [B, D]
+  return kept / jnp.maximum(tokens.lengths, 1)[:, None]
+
+
+def make_functions(model_def: nnx.GraphDef):
+  """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
+  length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE."""
+
+  @functools.partial(jax.jit, static_argnames="chunk_size")
+  def encode(params, images, budget, query, chunk_size=0):
+    return nnx.merge(model_def, params).encode(images, budget, **query, chunk_size=chunk_size)
+
+  @jax.jit
+  def decode(params, tokens):
+    return nnx.merge(model_def, params).decode(tokens)
+
+  @jax.jit
+  def reconstruct(params, lpips, batch, budget, query):
+    """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
+    for Q-DOVE batches also the MSE inside and outside the query's boxes; LPIPS unless `lpips` is None."""
+    model = nnx.merge(model_def, params)
+    images = batch["image"]
+    tokens = model.encode(images, budget, **query)
+    # The figures are of the image a viewer gets: the decoder's output clipped to the valid range.
+    recon = jnp.clip(model.decode(tokens), -1, 1)  # [B, H, W, 3]
+    out = {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
+           "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images)}
+    if lpips is not None:
+      out["lpips"] = lpips(recon, images)
+    if "boxes" in batch:
+      out["mse_in_boxes"], out["mse_outside_boxes"] = box_mse(recon, images, batch)
+    return out
+
+  return encode, decode, reconstruct
