@@ -189,7 +189,8 @@ def bench_length_curve(batch: int, repeats: int, chunk_size: int, lengths: tuple
   images = jnp.asarray(bench_inputs(config.model.image_size, batch))
   encode = lambda state, budget, chunk: nnx.merge(graphdef, state).encode(images, budget, chunk_size=chunk)  # noqa: E731
   decode = lambda state, tokens: nnx.merge(graphdef, state).decode(tokens)  # noqa: E731
-  decode_bucketed = lambda state, tokens: buckets.decode(nnx.merge(graphdef, state), tokens)  # noqa: E731
+  sizes = buckets.bucket_sizes(model.max_tokens)
+  decode_bucketed = lambda state, tokens: nnx.merge(graphdef, state).decode(tokens, sizes)  # noqa: E731
   budget0 = jnp.full((batch,), lengths[0], jnp.int32)
   one_pass, _ = aot_compile(encode, (state, budget0, 0), static_argnums=2)
   chunked, _ = aot_compile(encode, (state, budget0, chunk_size), static_argnums=2)

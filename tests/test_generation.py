@@ -152,7 +152,7 @@ def test_bucketed_decode_equals_full_decode_in_one_compilation(dove, images, cou
   def encode_decode(state, budget):
     model = nnx.merge(graphdef, state)
     tokens = model.encode(images, budget)
-    return model.decode(tokens), buckets.decode(model, tokens, sizes)
+    return model.decode(tokens), model.decode(tokens, sizes)
 
   with jax.default_matmul_precision("highest"):
     encode_decode(state, jnp.asarray([1, 1]))

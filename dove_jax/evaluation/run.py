@@ -238,17 +238,18 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
   laplacian_variance = jax.jit(metrics.laplacian_variance)
   if inception is not None:
     fid_stats = {"real": metrics.FeatureStatistics(), **{key: metrics.FeatureStatistics() for key in keys}}
-  for batch in tqdm(data, total=count, desc="evaluating"):
-    images = jnp.asarray(batch["image"])  # [B, H, W, 3]
-    keep = np.asarray(batch["valid"])
+  for host_batch in tqdm(data, total=count, desc="evaluating"):
+    keep = np.asarray(host_batch["valid"])
+    batch = jax.device_put(host_batch)  # once, not once per budget
+    images = batch["image"]  # [B, H, W, 3]
     images_seen["laplacian_variance"].append(np.asarray(laplacian_variance(images))[keep])
-    images_seen["complexity"].append(np.asarray(batch["complexity"])[keep])
-    images_seen["label"].append(np.asarray(batch["label"])[keep])
+    images_seen["complexity"].append(host_batch["complexity"][keep])
+    images_seen["label"].append(host_batch["label"][keep])
     if inception is not None:
       fid_stats["real"].update(np.asarray(fid.inception_features(inception, images))[keep])
     if not samples:
-      samples["input"] = np.asarray(images)[keep][:SAMPLE_IMAGES]
-      samples["batch"] = {name: np.asarray(value)[keep][:SAMPLE_IMAGES] for name, value in batch.items()}
+      samples["input"] = host_batch["image"][keep][:SAMPLE_IMAGES]
+      samples["batch"] = {name: value[keep][:SAMPLE_IMAGES] for name, value in host_batch.items()}
     for key, (budget, with_query) in keys.items():
       out = reconstruct(params, lpips, batch, jnp.full(images.shape[0], budget, jnp.int32),
                         query_inputs(batch, with_query))

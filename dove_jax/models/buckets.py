@@ -3,7 +3,7 @@
 Every slot after an image's length is a masked-out key, so cutting the slot axis to any m >= the longest
 length changes nothing but the cost. The cut must be a static shape, so it is rounded up to a bucket, and
 `lax.switch` picks the bucket on the device: one compiled program holds a branch per bucket and runs only the
-chosen one, with no host sync to read the lengths.
+chosen one, with no host sync to read the lengths. Use it as `DOVE.decode(tokens, bucket_sizes(n))`.
 """
 from __future__ import annotations
 
@@ -36,9 +36,3 @@ def decode_latents(token_decoder: TokenDecoder, tokens, sizes: tuple[int, ...]) 
   index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), longest)  # the first bucket >= the longest length
   return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [cut_to(size) for size in sizes])
 
-
-def decode(model, tokens, sizes: tuple[int, ...] | None = None) -> jax.Array:
-  """`model.decode(tokens)` (a DOVE) with the token decoder bucketed; sizes default to `bucket_sizes`."""
-  sizes = bucket_sizes(model.max_tokens) if sizes is None else tuple(sizes)
-  latents = decode_latents(model.token_decoder, tokens, sizes)  # [B, h, w, C]
-  return model.vqgan.decode(latents, quantize=model.requantize_output)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dove_jax.models import eos, neox
+from dove_jax.models import buckets, eos, neox
 from dove_jax.models.generator import TokenGenerator
 from dove_jax.models.quantizer import QuantizerOutput
 from dove_jax.models.token_decoder import TokenDecoder
@@ -113,9 +113,14 @@ class DOVE(nnx.Module):
     """
     return self._encode(images, token_budget, query, query_mask, chunk_size)[0]
 
-  def decode(self, tokens: Tokens) -> jax.Array:
-    """Tokens -> images [B, H, W, 3] (about [-1, 1])."""
-    return self._decode(tokens)[0]
+  def decode(self, tokens: Tokens, bucket_sizes: tuple[int, ...] | None = None) -> jax.Array:
+    """Tokens -> images [B, H, W, 3] (about [-1, 1]).
+
+    bucket_sizes (e.g. `buckets.bucket_sizes(max_tokens)`): the token decoder reads only the smallest bucket
+    of slots that holds every kept one (`buckets.decode_latents`): the same images, cheaper when the batch's
+    sequences are short. None reads all n slots.
+    """
+    return self._decode(tokens, bucket_sizes)[0]
 
   def __call__(self, images: jax.Array, token_budget: jax.Array | int | None = None,
                query: jax.Array | None = None, query_mask: jax.Array | None = None) -> DOVEOutput:
@@ -161,8 +166,9 @@ class DOVE(nnx.Module):
                          f"ids in [{lo}, {hi}]: the tokenizer and the model disagree")
     return self.query_embed(query), query_mask
 
-  def _decode(self, tokens: Tokens):
-    latents = self.token_decoder(tokens.tokens, tokens.mask)  # [B, h, w, C]
+  def _decode(self, tokens: Tokens, bucket_sizes=None):
+    latents = (buckets.decode_latents(self.token_decoder, tokens, tuple(bucket_sizes)) if bucket_sizes
+               else self.token_decoder(tokens.tokens, tokens.mask))  # [B, h, w, C]
     return self.vqgan.decode(latents, quantize=self.requantize_output), latents
 
 

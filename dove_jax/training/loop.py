@@ -265,7 +265,7 @@ class Evaluator:
                                     global_batch_size=config.data.global_batch_size, seed=config.seed,
                                     train=False, query=query_step(config))
     # The same images every time, so the curves compare.
-    self.batches = list(itertools.islice(dataset, config.train.eval_batches))
+    self.batches = [jax.device_put(batch) for batch in itertools.islice(dataset, config.train.eval_batches)]
     self.reconstruct = make_functions(model_def)[2]
 
   def _run(self, params, batch, budget: int = 0, with_query: bool = True) -> dict:
