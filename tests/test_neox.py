@@ -138,6 +138,12 @@ def test_attention_matches_jax_nn(causal):
   with jax.default_matmul_precision("highest"):
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
     np.testing.assert_allclose(dot_product_attention(q, k, v, mask, is_causal=causal), expected, atol=1e-6)
+    # Same gradients too (the softmax's max shift carries none).
+    probe = jax.random.normal(jax.random.key(1), q.shape)
+    grads = [jax.grad(lambda *qkv: jnp.sum(attend(*qkv, mask=mask, is_causal=causal) * probe), (0, 1, 2))(q, k, v)
+             for attend in (dot_product_attention, jax.nn.dot_product_attention)]
+    for ours, theirs in zip(*grads):
+      np.testing.assert_allclose(ours, theirs, atol=1e-5)
   assert np.isfinite(dot_product_attention(q, k, v, jnp.zeros((1, 1, 1, 12), bool))).all()  # no key at all
 
 

@@ -3,13 +3,12 @@ reconstruct-with-figures over the split model state, plus the small pieces they 
 arguments, MSE inside and outside the query's boxes, the mean token)."""
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dove_jax import losses
+from dove_jax import losses, xla
 from dove_jax.boxes import relevant_boxes, union_mask
 from dove_jax.evaluation import metrics
 from dove_jax.models.dove import Tokens
@@ -41,15 +40,15 @@ def make_functions(model_def: nnx.GraphDef):
   """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
   length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE."""
 
-  @functools.partial(jax.jit, static_argnames="chunk_size")
+  @xla.jit(static_argnames="chunk_size")
   def encode(params, images, budget, query, chunk_size=0):
     return nnx.merge(model_def, params).encode(images, budget, **query, chunk_size=chunk_size)
 
-  @jax.jit
+  @xla.jit
   def decode(params, tokens):
     return nnx.merge(model_def, params).decode(tokens)
 
-  @jax.jit
+  @xla.jit
   def reconstruct(params, lpips, batch, budget, query):
     """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
     for Q-DOVE batches also the MSE inside and outside the query's boxes; LPIPS unless `lpips` is None."""

@@ -6,12 +6,12 @@ The objective is convex, so the result depends on `l2` and the features, not on 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from dove_jax import xla
 
 _GRADIENT_TOLERANCE = 1e-6  # stop once the gradient norm is this small: float32 cannot do much better
 
@@ -27,7 +27,7 @@ def _logits(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
   return features @ params["kernel"] + params["bias"]  # [N, D] -> [N, K]
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate"))
+@xla.jit(static_argnames=("num_classes", "steps", "learning_rate"))
 def _fit(features: jax.Array, labels: jax.Array, key: jax.Array, *, num_classes: int, l2: float, steps: int,
          learning_rate: float | None) -> dict[str, jax.Array]:
   """L-BFGS on [N, D] features and [N] labels for at most `steps` iterations -> {'kernel', 'bias'}."""

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from dove_jax import xla
 from dove_jax.data import pipeline
 from dove_jax.evaluation import fid, metrics, plots, probe
 from dove_jax.evaluation.functions import make_functions, mean_token, query_inputs
@@ -235,7 +236,7 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
   per_image = {key: {name: [] for name in names} for key in keys}
   images_seen = {name: [] for name in ("laplacian_variance", "complexity", "label", "features")}
   samples = {}
-  laplacian_variance = jax.jit(metrics.laplacian_variance)
+  laplacian_variance = xla.jit(metrics.laplacian_variance)
   if inception is not None:
     fid_stats = {"real": metrics.FeatureStatistics(), **{key: metrics.FeatureStatistics() for key in keys}}
   for host_batch in tqdm(data, total=count, desc="evaluating"):

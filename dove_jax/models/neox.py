@@ -65,7 +65,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     mask = seen if mask is None else mask & seen
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, N, T, L], unnormalised
+  # The max only keeps exp in range and cancels in the normalisation: no gradient through it, which spares
+  # the backward pass the compare-and-select ops of max's gradient over all of [B, N, T, L].
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits - shift)  # [B, N, T, L], unnormalised
   out = jnp.matmul(weights.astype(v.dtype), v) / jnp.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
   return jnp.swapaxes(out, 1, 2)  # [B, T, N, H]
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import losses
+from dove_jax import losses, xla
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
 from dove_jax.evaluation.functions import make_functions, query_inputs
@@ -172,7 +172,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
   state = statelib.create_state(params, disc_params, tx, disc_tx,
                                 threshold_window=config.loss.threshold_window, seed=config.seed)
   shardings = meshlib.state_shardings(mesh, state)
-  step = jax.jit(make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
+  step = xla.jit(make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
                  in_shardings=(shardings, meshlib.batch_sharding(mesh), None), out_shardings=(shardings, None),
                  donate_argnums=0)
   lpips = jax.device_put(load_lpips(), meshlib.replicated(mesh)) if config.loss.lpips_weight else None
