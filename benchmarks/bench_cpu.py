@@ -2,6 +2,7 @@
 
   python benchmarks/bench_cpu.py                     tiny config (batch 8, 64 px): encode, decode, train step
   python benchmarks/bench_cpu.py --paper             + the paper config, encode and decode (slow)
+  python benchmarks/bench_cpu.py --paper --paper-train   + the paper config's train step (slower)
   python benchmarks/bench_cpu.py --curve             + encode / decode time against the sequence length
 
 In one run on one machine: the f32 matmul peak, then per config the encode / decode (and, tiny, train step)
@@ -282,6 +283,7 @@ def main() -> None:
   parser.add_argument("--paper", action="store_true", help="also the paper config, encode and decode (slow)")
   parser.add_argument("--paper-batch", type=int, default=1)
   parser.add_argument("--paper-repeats", type=int, default=2)
+  parser.add_argument("--paper-train", action="store_true", help="also the paper config's train step (slower)")
   parser.add_argument("--curve", action="store_true", help="also encode / decode time against the length")
   parser.add_argument("--curve-batch", type=int, default=4)
   parser.add_argument("--chunk-size", type=int, default=32, help="chunked generation (32 measured best here)")
@@ -290,7 +292,7 @@ def main() -> None:
 
   runs = {"tiny": (get_config("tiny"), args.batch, args.repeats, not args.no_train)}
   if args.paper:
-    runs["paper"] = (get_config(), args.paper_batch, args.paper_repeats, False)
+    runs["paper"] = (get_config(), args.paper_batch, args.paper_repeats, args.paper_train)
   results = {"configs": {}}
   with tempfile.TemporaryDirectory() as tmp:
     # PyTorch first, each config in its own process, before JAX has started a thread.
