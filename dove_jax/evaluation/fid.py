@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dove_jax import xla
 from dove_jax.convert.common import ConversionError, Source, conv_kernel, fill_params, join, read_tensors
 
 INPUT_SIZE = 299
@@ -210,10 +211,14 @@ class InceptionV3(nnx.Module):
     return x.mean(axis=(1, 2))
 
 
-@nnx.jit
 def inception_features(model: InceptionV3, images: jax.Array) -> jax.Array:
   """[B, H, W, 3] images in [-1, 1] -> [B, 2048] pool3 features, compiled once per image shape."""
-  return model(images)
+  return _apply(*nnx.split(model), images)
+
+
+@xla.jit(static_argnums=0)  # the library's XLA options, as for DOVE's own convolution stacks
+def _apply(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state)(images)
 
 
 def _folded_conv(source: Source, ours: str, theirs: str) -> Values:

@@ -3,7 +3,6 @@ reconstruct-with-figures over the split model state, plus the small pieces they 
 arguments, MSE inside and outside the query's boxes, the mean token)."""
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
