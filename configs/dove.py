@@ -30,7 +30,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model.requantize_output = False  # snap decoded latents to the codebook before the VQGAN decoder
   config.model.eos_bias_init = -4.0  # start at full length
   config.model.dtype = ""  # compute dtype of the transformers: "" (float32) or "bfloat16"
-  config.model.remat = False  # recompute transformer activations in the backward pass (saves memory)
+  # What the backward pass keeps of each VQ-GAN resnet block and transformer block (memory for compute):
+  # "none", "save_matmuls" (recompute norms and activations) or "blocks" (recompute whole blocks).
+  config.model.remat = "none"
 
   # Pretrained weights, read from local paths (nothing is downloaded).
   config.init = ml_collections.ConfigDict()
@@ -49,6 +51,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.data.eval_split = "validation"
   config.data.global_batch_size = 64
   config.data.worker_count = 8
+  config.data.prefetch = 2  # batches transferred to the devices ahead of the train step (0 = none)
 
   # Losses (DOVE.md): L_total = rec_weight * L_rec + lambda_eos(step) * L_eos, per image.
   config.loss = ml_collections.ConfigDict()

@@ -184,17 +184,48 @@ def test_paper_size_parameter_counts():
   assert counts["token_decoder"] - 18_915_328 == 512 * 512 + 512 + 256 * 512 + 512 * 64 + 64
 
 
-def test_remat_gives_the_same_gradients():
-  x = images()
+def remat_blocks(policy: str) -> dict:
+  """A VQ-GAN stage and a transformer built with the remat `policy`, each with an input."""
+  from dove_jax.models.neox import NeoXTransformer
+  from dove_jax.models.vqgan import Stage
+  rngs, key = nnx.Rngs(0), jax.random.key(1)
+  stage = Stage(8, 16, num_layers=2, resample=None, norm_num_groups=8, remat=policy, rngs=rngs)
+  transformer = NeoXTransformer(num_layers=2, d_model=16, num_heads=2, mlp_dim=32, causal=True, remat=policy,
+                                rngs=rngs)
+  return {"vqgan stage": (stage, jax.random.normal(key, (2, 8, 8, 8))),  # [B, H, W, C]
+          "transformer": (transformer, jax.random.normal(key, (2, 8, 16)))}  # [B, L, D]
 
-  def grads(model):
-    graphdef, params = nnx.split(model)
-    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(x, 5).reconstruction ** 2)
-    return jax.jit(jax.grad(loss))(params)
 
-  plain, remat = grads(tiny_dove()), grads(tiny_dove(remat=True))
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+def test_remat_policies_give_the_same_gradients_and_recompute_what_they_say():
+  gradients, counts = {}, {}
+  for policy in ("none", "save_matmuls", "blocks"):
+    for name, (module, x) in remat_blocks(policy).items():
+      graphdef, params = nnx.split(module)
+      loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+      gradients[policy, name] = compiled(params, x)
+      text = compiled.as_text()
+      counts[policy, name] = text.count(" convolution(") + text.count(" dot(")
+  for (policy, name), grads in gradients.items():
+    for a, b in zip(jax.tree.leaves(gradients["none", name]), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"{policy} {name}")
+  for name in ("vqgan stage", "transformer"):
+    # "save_matmuls" keeps every convolution's and matmul's output (recomputing only norms and
+    # activations); "blocks" recomputes the blocks' convolutions and matmuls in the backward pass.
+    assert counts["save_matmuls", name] == counts["none", name] < counts["blocks", name], name
+
+
+def test_dove_hands_its_remat_policy_to_every_block():
+  model = nnx.eval_shape(lambda: tiny_dove(remat="blocks"))
+  vqgan = model.vqgan
+  holders = [*vqgan.encoder.down_blocks, vqgan.encoder.mid_block, *vqgan.decoder.up_blocks,
+             vqgan.decoder.mid_block, model.generator.transformer, model.token_decoder.transformer]
+  assert [holder.remat for holder in holders] == ["blocks"] * len(holders)
+
+
+def test_unknown_remat_policy_is_named():
+  with pytest.raises(ValueError, match="remat policy 'all'; expected one of"):
+    tiny_dove(remat="all")
 
 
 def test_grid_encoding_tells_every_cell_apart():

@@ -63,7 +63,8 @@ class DOVE(nnx.Module):
     requantize_output: snap the token decoder's latents to the codebook before the VQGAN decoder.
     eos_bias_init: initial EOS logit bias; negative starts every image at full length.
     dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
-    remat: recompute the transformer blocks' activations in the backward pass instead of storing them.
+    remat: what the backward pass keeps of each VQ-GAN resnet block and transformer block: "none",
+      "save_matmuls" or "blocks" (see `dove_jax.models.remat`).
     query_vocab_size: > 0 makes a Q-DOVE: the size of the query tokenizer's vocabulary (257 for the byte
       tokenizer, Pythia's 50304 for its GPT-NeoX tokenizer, whose embedding then starts the query's).
   """
@@ -71,7 +72,7 @@ class DOVE(nnx.Module):
   def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
                generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
                max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
-               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, remat: bool = False,
+               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, remat: str = "none",
                query_vocab_size: int = 0, rngs: nnx.Rngs):
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
@@ -85,7 +86,7 @@ class DOVE(nnx.Module):
     self.requantize_output = requantize_output
     latent_dim = vqgan["vq_embed_dim"]
     generator = dict(_transformer_kwargs(generator), remat=remat)
-    self.vqgan = VQGAN(**vqgan, rngs=rngs)
+    self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
     grid_size = image_size // downsample
     self.generator = TokenGenerator(feature_dim=latent_dim, grid_size=grid_size, max_tokens=max_tokens,
                                     transformer=generator, eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dove_jax.models import remat as remat_lib
+
 PYTHIA_14M = dict(num_layers=6, d_model=128, num_heads=4, mlp_dim=512)
 PYTHIA_70M = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
 PRESETS = {"pythia-14m": PYTHIA_14M, "pythia-70m": PYTHIA_70M}
@@ -179,8 +181,8 @@ class NeoXTransformer(nnx.Module):
 
   def __init__(self, *, num_layers: int, d_model: int, num_heads: int, mlp_dim: int, causal: bool,
                rotary_pct: float = 0.25, rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5,
-               dtype=None, remat: bool = False, rngs: nnx.Rngs):
-    self.remat = remat
+               dtype=None, remat: str = "none", rngs: nnx.Rngs):
+    self.remat = remat_lib.check(remat)
     self.num_layers, self.d_model, self.num_heads, self.mlp_dim = num_layers, d_model, num_heads, mlp_dim
     self.rotary_pct, self.rotary_base, self.layer_norm_eps = rotary_pct, rotary_base, layer_norm_eps
     self.layers = nnx.List([
@@ -198,8 +200,7 @@ class NeoXTransformer(nnx.Module):
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # [B, L]
-    # remat: keep only each block's input for the backward pass and recompute the rest (memory for compute).
-    run = nnx.remat(_run_block, static_argnums=4) if self.remat else _run_block
+    run = remat_lib.checkpointed(_run_block, self.remat, static_argnums=4)  # what the backward pass keeps
     for i, layer in enumerate(self.layers):
       x = run(layer, x, positions, key_mask, num_outputs if i == len(self.layers) - 1 else None)
     return self.final_norm(x)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dove_jax.models import remat as remat_lib
 from dove_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
 # The aMUSEd / open-MUSE VQ-GAN (about 146M parameters): 16x downsampling, 8192 codes of width 64.
@@ -49,6 +50,10 @@ class ResnetBlock(nnx.Module):
     return skip + h
 
 
+def _run_resnet(block: ResnetBlock, x: jax.Array) -> jax.Array:
+  return block(x)
+
+
 class Attention(nnx.Module):
   """diffusers' mid-block `Attention`: group norm, one head as wide as the channels, residual."""
 
@@ -71,16 +76,19 @@ class Attention(nnx.Module):
 class MidBlock(nnx.Module):
   """diffusers `UNetMidBlock2D` with one layer: resnet, optional attention, resnet."""
 
-  def __init__(self, channels: int, *, norm_num_groups: int, attention: bool, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, norm_num_groups: int, attention: bool, remat: str = "none",
+               rngs: nnx.Rngs):
+    self.remat = remat_lib.check(remat)
     self.resnets = nnx.List([ResnetBlock(channels, channels, norm_num_groups=norm_num_groups, rngs=rngs)
                              for _ in range(2)])
     self.attention = Attention(channels, norm_num_groups=norm_num_groups, rngs=rngs) if attention else None
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
-    x = self.resnets[0](x)
+    run = remat_lib.checkpointed(_run_resnet, self.remat)
+    x = run(self.resnets[0], x)
     if self.attention is not None:
       x = self.attention(x)
-    return self.resnets[1](x)
+    return run(self.resnets[1], x)
 
 
 class Downsample(nnx.Module):
@@ -133,7 +141,8 @@ class Stage(nnx.Module):
   `DownEncoderBlock2D` (resample="down") and `UpDecoderBlock2D` (resample="up")."""
 
   def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, resample: str | None,
-               norm_num_groups: int, rngs: nnx.Rngs):
+               norm_num_groups: int, remat: str = "none", rngs: nnx.Rngs):
+    self.remat = remat_lib.check(remat)
     self.resnets = nnx.List([
         ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_num_groups=norm_num_groups,
                     rngs=rngs)
@@ -142,12 +151,13 @@ class Stage(nnx.Module):
     self.resample = None if resampler is None else resampler(out_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, Cin] -> [B, H', W', Cout]
+    run = remat_lib.checkpointed(_run_resnet, self.remat)
     for resnet in self.resnets:
-      x = resnet(x)
+      x = run(resnet, x)
     return x if self.resample is None else self.resample(x)
 
 
-def stages(widths: tuple[int, ...], *, num_layers: int, resample: str, norm_num_groups: int,
+def stages(widths: tuple[int, ...], *, num_layers: int, resample: str, norm_num_groups: int, remat: str,
            rngs: nnx.Rngs) -> nnx.List:
   """One Stage per width, as diffusers builds them: stage i maps widths[i-1] (widths[0] for the first) to
   widths[i], and every stage but the last resamples."""
@@ -155,7 +165,7 @@ def stages(widths: tuple[int, ...], *, num_layers: int, resample: str, norm_num_
   pairs = list(zip((widths[0],) + widths[:-1], widths))
   return nnx.List([
       Stage(cin, cout, num_layers=num_layers, resample=None if i == len(pairs) - 1 else resample,
-            norm_num_groups=norm_num_groups, rngs=rngs)
+            norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
       for i, (cin, cout) in enumerate(pairs)])
 
 
@@ -163,12 +173,13 @@ class Encoder(nnx.Module):
   """Image [B, H, W, in] -> features [B, H/2^(S-1), W/2^(S-1), latent] for S = len(block_out_channels)."""
 
   def __init__(self, *, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, rngs: nnx.Rngs):
+               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, remat: str = "none",
+               rngs: nnx.Rngs):
     self.conv_in = conv3x3(in_channels, block_out_channels[0], rngs=rngs)
     self.down_blocks = stages(block_out_channels, num_layers=layers_per_block, resample="down",
-                              norm_num_groups=norm_num_groups, rngs=rngs)
+                              norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
     self.mid_block = MidBlock(block_out_channels[-1], norm_num_groups=norm_num_groups,
-                              attention=mid_block_attention, rngs=rngs)
+                              attention=mid_block_attention, remat=remat, rngs=rngs)
     self.conv_norm_out = group_norm(block_out_channels[-1], num_groups=norm_num_groups, rngs=rngs)
     self.conv_out = conv3x3(block_out_channels[-1], out_channels, rngs=rngs)
 
@@ -185,13 +196,14 @@ class Decoder(nnx.Module):
   with one more resnet than the encoder's (as in diffusers)."""
 
   def __init__(self, *, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, rngs: nnx.Rngs):
+               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, remat: str = "none",
+               rngs: nnx.Rngs):
     widths = tuple(reversed(block_out_channels))
     self.conv_in = conv3x3(in_channels, widths[0], rngs=rngs)
     self.mid_block = MidBlock(widths[0], norm_num_groups=norm_num_groups, attention=mid_block_attention,
-                              rngs=rngs)
+                              remat=remat, rngs=rngs)
     self.up_blocks = stages(widths, num_layers=layers_per_block + 1, resample="up",
-                            norm_num_groups=norm_num_groups, rngs=rngs)
+                            norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
     self.conv_norm_out = group_norm(block_out_channels[0], num_groups=norm_num_groups, rngs=rngs)
     self.conv_out = conv3x3(block_out_channels[0], out_channels, rngs=rngs)
 
@@ -209,10 +221,11 @@ class VQGAN(nnx.Module):
   def __init__(self, in_channels: int = 3, out_channels: int = 3,
                block_out_channels: tuple[int, ...] = AMUSED_VQGAN["block_out_channels"],
                layers_per_block: int = 2, latent_channels: int = 64, num_vq_embeddings: int = 8192,
-               vq_embed_dim: int = 64, norm_num_groups: int = 32, mid_block_attention: bool = False, *,
-               rngs: nnx.Rngs):
+               vq_embed_dim: int = 64, norm_num_groups: int = 32, mid_block_attention: bool = False,
+               remat: str = "none", *, rngs: nnx.Rngs):
     blocks = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                  norm_num_groups=norm_num_groups, mid_block_attention=mid_block_attention, rngs=rngs)
+                  norm_num_groups=norm_num_groups, mid_block_attention=mid_block_attention, remat=remat,
+                  rngs=rngs)
     self.encoder = Encoder(in_channels=in_channels, out_channels=latent_channels, **blocks)
     self.quant_conv = conv1x1(latent_channels, vq_embed_dim, rngs=rngs)
     self.quantizer = VectorQuantizer(num_vq_embeddings, vq_embed_dim, beta=0.25, rngs=rngs)

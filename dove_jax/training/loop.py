@@ -7,6 +7,7 @@ the step, the RNG and the input iterator's position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import signal
 from pathlib import Path
@@ -21,7 +22,9 @@ from flax import nnx
 from dove_jax import losses, xla
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
+from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation.functions import make_functions, query_inputs
+from dove_jax.models import remat
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.models.dove import DOVE
 from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
@@ -36,7 +39,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   choices = {"data.source": (config.data.source, DATA_SOURCES),
              "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
              "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
-             "model.dtype": (config.model.dtype, ("", "float32", "bfloat16"))}
+             "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
+             "model.remat": (config.model.remat, tuple(remat.POLICIES))}
   for field, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"config.{field} = {value!r}; expected one of {allowed}")
@@ -45,6 +49,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"the {jax.device_count()} devices")
   if config.data.source in ("folder", "visual_genome") and not config.data.folder:
     raise ValueError(f"config.data.source = {config.data.source!r} needs config.data.folder")
+  if config.data.prefetch < 0:
+    raise ValueError(f"config.data.prefetch = {config.data.prefetch}; expected a number of batches >= 0")
   if "query" in config:
     check_query_config(config)
 
@@ -199,9 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   batch_size = config.data.global_batch_size
   steps_per_epoch = max(len(train_source) // batch_size, 1)
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-  train_iter = iter(pipeline.make_dataset(
+  # Yields (host batch, global batch on the mesh); its checkpointed state is the train step's position.
+  train_iter = DevicePrefetcher(iter(pipeline.make_dataset(
       train_source, image_size=config.model.image_size, global_batch_size=batch_size, seed=config.seed,
-      train=True, worker_count=config.data.worker_count, query=query_step(config)))
+      train=True, worker_count=config.data.worker_count, query=query_step(config))),
+      functools.partial(meshlib.global_batch, mesh=mesh), config.data.prefetch)
 
   # ---------------------------------------------------------------------------- model, state, step
   setup = build_training(config, mesh, num_steps)
@@ -224,10 +232,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if first_step == 0:
     writer.write_scalars(0, evaluator.metrics(state.params))  # where the curves start
   for step in range(first_step + 1, num_steps + 1):
-    batch = next(train_iter)
+    batch, global_batch = next(train_iter)
     invalid_in_epoch += int(np.sum(~np.asarray(batch["valid"])))  # on the host already: no sync
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, step_metrics = setup.train_step(state, meshlib.global_batch(batch, mesh), setup.lpips)
+      state, step_metrics = setup.train_step(state, global_batch, setup.lpips)
     report(step)
     last = step == num_steps or stop.requested
     if step % config.train.log_every == 0 or last:
