@@ -1,13 +1,17 @@
 """Rematerialisation: what the backward pass keeps of a block's activations and what it recomputes.
 
-The paper-size model stores ~5 GB of activations per 256 px image for its backward pass, nearly all of it in
-the VQ-GAN's full-resolution stages, so a batch of 64 does not fit on one accelerator without remat.
-`config.model.remat` picks one policy for every VQ-GAN resnet block and every transformer block:
+The paper-size model keeps over a gigabyte of activations per 256 px image for its backward pass (the VQ-GAN
+encoder's gradient alone: 733 MiB of XLA temporaries), nearly all in the VQ-GAN's full-resolution stages, so
+a large batch needs remat on an accelerator. `config.model.remat` picks one policy for every VQ-GAN resnet
+block and every transformer block:
 
-  "none"          keep everything (fastest; the most memory)
+  "none"          keep everything (the least compute)
   "save_matmuls"  keep the convolution and matmul outputs, recompute the norms and activations between them
-                  (cheap elementwise work recomputed; about half the memory)
-  "blocks"        keep only each block's input and recompute the block (about one more forward pass)
+                  (only elementwise work is recomputed)
+  "blocks"        keep only each block's input and recompute the whole block (one more forward pass of it)
+
+On the CPU, XLA's default scheduler keeps about as much under every policy (docs/performance.md has the
+figures); the policies are meant for accelerators, where no measurement has been made yet.
 """
 from __future__ import annotations
 
