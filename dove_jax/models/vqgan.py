@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dove_jax.models import remat as remat_lib
+from dove_jax.models.conv import Conv, conv2d
 from dove_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
 # The aMUSEd / open-MUSE VQ-GAN (about 146M parameters): 16x downsampling, 8192 codes of width 64.
@@ -24,11 +25,11 @@ def group_norm(channels: int, *, num_groups: int, rngs: nnx.Rngs) -> nnx.GroupNo
 
 
 def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+  return Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
 
 
 def conv1x1(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(in_channels, out_channels, (1, 1), padding="VALID", rngs=rngs)
+  return Conv(in_channels, out_channels, (1, 1), padding="VALID", rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
@@ -116,8 +117,7 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Ar
   function up to float rounding. [B, H, W, C] x [3, 3, C, O] -> [B, 2H, 2W, O]."""
   b, h, w, _ = x.shape
   pads = ((1, 0), (0, 1))  # phase 0 reads the row (column) before, phase 1 the one after
-  phases = [[jax.lax.conv_general_dilated(x, taps, (1, 1), (pads[row], pads[col]),
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [B, H, W, O]
+  phases = [[conv2d(x, taps, (pads[row], pads[col]))  # [B, H, W, O]
              for col, taps in enumerate(_phase_taps(row_taps, 1))]
             for row, row_taps in enumerate(_phase_taps(kernel, 0))]
   y = jnp.stack([jnp.stack(cols, axis=3) for cols in phases], axis=2)  # [B, H, 2, W, 2, O]
