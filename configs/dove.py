@@ -95,6 +95,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.train.eval_batches = 20
   config.train.checkpoint_every = 1_000
   config.train.keep_checkpoints = 3
+  # Compiled programs are kept in workdir/compilation_cache: a resumed run loads its steps, not compiles them.
+  config.train.compilation_cache = True
 
   # Devices: a mesh with a data axis and an fsdp axis (parameters sharded over it); -1 = all the rest.
   config.mesh = ml_collections.ConfigDict()

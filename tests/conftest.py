@@ -1,36 +1,19 @@
 """Shared test helpers."""
-import contextlib
+import os
 
 import jax
 import pytest
+
+from dove_jax import xla
 
 # Parity tests compare float32 results with PyTorch at 1e-4: keep XLA's matmuls and convs at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-class CompileCounter:
-  """Counts XLA compilations (jax.monitoring's backend-compile event) while active."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, event: str, duration: float, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.count += 1
-
-
 @pytest.fixture
 def count_compiles():
   """`with count_compiles() as c: ...; c.count` is the number of compilations inside the block."""
-  @contextlib.contextmanager
-  def counting():
-    counter = CompileCounter()
-    jax.monitoring.register_event_duration_secs_listener(counter)
-    try:
-      yield counter
-    finally:
-      jax.monitoring.unregister_event_duration_listener(counter)
-  return counting
+  return xla.CompileCounter
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +23,13 @@ def builtin_data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("builtin_data")
   load_builtin(64, str(path))
   return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """The command-line runs the tests start (train.py, eval.py, convert) share one persistent compilation
+  cache, so the initialisers, train steps and eval functions they have in common compile once for all of
+  them: every parameter shape's initialiser alone costs XLA ~0.2-0.4 s on 2 cores. Only child processes
+  see this: the test process read JAX's settings when it imported jax."""
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("compilation_cache"))
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

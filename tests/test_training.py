@@ -1,6 +1,7 @@
 """Training: sharding equivalence, kill-and-resume, config errors, and the command line end to end."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,8 +113,13 @@ def final_params(workdir: Path, step: int):
   return jax.tree.leaves(restored["params"]), jax.tree.leaves(restored)
 
 
+# loop.py's log line for the first step of a run; a resumed run loads the train step compiled before.
+LOADED_FROM_CACHE = r"train step compiled in [\d.]+ s \([1-9]\d* of \d+ programs from the compilation cache\)"
+
+
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
-  """12 uninterrupted steps == SIGTERM (clean save and exit), resume, SIGKILL mid-run, resume."""
+  """12 uninterrupted steps == SIGTERM (clean save and exit), resume (loading the compiled train step from
+  the run's compilation cache), SIGKILL mid-run, resume."""
   import numpy as np
   fast = ("--config.train.checkpoint_every=1", "--config.train.log_every=1", "--config.loss.lpips_weight=0")
   straight = python(train_command(tmp_path / "a", data_dir, 12, *fast))
@@ -134,11 +140,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   second.kill()  # SIGKILL: no handler runs; whatever was mid-write is discarded
   _, err = second.communicate(timeout=60)
   assert f"resuming from step {stopped_at}" in err
+  assert re.search(LOADED_FROM_CACHE, err), "the resumed run compiled its train step again"
   assert killed_after < 12, "the kill came too late to test anything"
 
   third = python(train_command(tmp_path / "b", data_dir, 12, *fast))
   assert third.returncode == 0, third.stderr[-3000:]
   assert "resuming from step" in third.stderr
+  assert re.search(LOADED_FROM_CACHE, third.stderr)
   params_a, everything_a = final_params(tmp_path / "a", 12)
   params_b, everything_b = final_params(tmp_path / "b", 12)
   assert len(everything_a) == len(everything_b)
@@ -147,11 +155,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   assert any(np.abs(a).max() > 0 for a in params_a)
 
 
-def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir):
+def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the run's own cache, not the tests' shared one
   result = python(train_command(tmp_path / "run", data_dir, 3, "--config.train.log_every=1"))
   assert result.returncode == 0, result.stderr[-3000:]
   run = tmp_path / "run"
   assert (run / "checkpoints" / "3").is_dir()
+  assert list((run / "compilation_cache").glob("jit_train_step-*")), "the train step was not cached"
   assert json.loads((run / "config.json").read_text())["model"]["image_size"] == 64
   assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
   for name in ("train/rec", "train/lpips", "train/eos", "train/length_mean", "train/eos_threshold",

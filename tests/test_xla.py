@@ -1,4 +1,10 @@
-"""dove_jax.xla: the library's jit compiles with its XLA options, and they change the CPU program."""
+"""dove_jax.xla: the library's jit compiles with its XLA options, they change the CPU program, and compiled
+programs are kept across processes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -32,3 +38,33 @@ def test_jit_as_decorator_passes_jit_arguments():
 
   assert float(raise_to(np.float32(3), power=2)) == 9.0
   assert "ynn_fusion" not in raise_to.lower(np.float32(3), power=2).compile().as_text()
+
+
+CACHE_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from dove_jax import xla
+print(xla.cache_compiled_programs(sys.argv[1]))  # keeps even this program (compiled in well under 1 s)
+with xla.CompileCounter() as compiled:
+  xla.jit(lambda x: jnp.tanh(x @ x.T).sum())(np.ones((8, 8), np.float32))
+print(compiled.count, compiled.cache_hits)
+"""
+
+
+def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
+  env = {name: value for name, value in os.environ.items() if not name.startswith(("JAX_COMPILATION_CACHE",
+                                                                                     "JAX_PERSISTENT_CACHE"))}
+
+  def run(cache, **extra_env):
+    result = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(cache)], capture_output=True, text=True,
+                            env={**env, **extra_env}, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory, counts = result.stdout.strip().splitlines()[-2:]
+    return directory, tuple(int(n) for n in counts.split())
+
+  assert run(tmp_path / "cache") == (str(tmp_path / "cache"), (1, 0))  # compiled and stored
+  assert run(tmp_path / "cache") == (str(tmp_path / "cache"), (1, 1))  # loaded
+  # A cache the user set already (JAX_COMPILATION_CACHE_DIR) is the one used.
+  assert run(tmp_path / "ignored", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "users"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0") == (str(tmp_path / "users"), (1, 0))
+  assert list((tmp_path / "users").iterdir()) and not (tmp_path / "ignored").exists()

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import itertools
 import signal
+import time
 from pathlib import Path
 
 import jax
@@ -132,6 +133,26 @@ class StopRequest:
     self.requested = True
 
 
+def log_first_compile(function, name: str):
+  """`function`, logging how long its first call took to compile it, or to load it from the compilation
+  cache (a jitted call returns once its program is built and dispatched)."""
+  called = False
+
+  def call(*args):
+    nonlocal called
+    if called:
+      return function(*args)
+    called = True
+    with xla.CompileCounter() as compiled:
+      start = time.perf_counter()
+      out = function(*args)
+    logging.info("%s compiled in %.1f s (%d of %d programs from the compilation cache)", name,
+                 time.perf_counter() - start, compiled.cache_hits, compiled.count)
+    return out
+
+  return call
+
+
 LOSS_TERMS = ("loss", "rec", "mse", "lpips", "gan", "eos", "vq", "disc", "grad_norm", "outside_mse")
 
 
@@ -196,6 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_config(config)
   mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
   workdir.mkdir(parents=True, exist_ok=True)
+  if config.train.compilation_cache:
+    logging.info("compiled programs are cached in %s", xla.cache_compiled_programs(workdir / "compilation_cache"))
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -223,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # ---------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state.step))
+  train_step = log_first_compile(setup.train_step, "train step")
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   stop = StopRequest()
   invalid_in_epoch = 0
@@ -235,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     batch, global_batch = next(train_iter)
     invalid_in_epoch += int(np.sum(~np.asarray(batch["valid"])))  # on the host already: no sync
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, step_metrics = setup.train_step(state, global_batch, setup.lpips)
+      state, step_metrics = train_step(state, global_batch, setup.lpips)
     report(step)
     last = step == num_steps or stop.requested
     if step % config.train.log_every == 0 or last:
