@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": "tiny", "paper": ""}  # name -> configs/dove.py preset
 
 
-def startup(preset: str, cache: str, batch: int) -> dict:
+def startup(name: str, cache: str, batch: int) -> dict:
   """In this (fresh) process: seconds to build the train state and to compile the train step."""
   sys.path.insert(0, str(ROOT))
   import jax
@@ -34,7 +35,7 @@ def startup(preset: str, cache: str, batch: int) -> dict:
   from dove_jax.training.loop import build_training
 
   xla.cache_compiled_programs(cache)
-  config = get_config(preset)
+  config = get_config(PRESETS[name])
   mesh = meshlib.make_mesh(1, 1, devices=jax.devices()[:1])
   with xla.CompileCounter() as init_programs:
     start = time.perf_counter()
@@ -52,11 +53,11 @@ def startup(preset: str, cache: str, batch: int) -> dict:
           "train_step_compile_s": compile_s, "train_step_from_cache": step_programs.cache_hits}
 
 
-def run_child(preset: str, cache: str, batch: int) -> dict:
-  result = subprocess.run([sys.executable, __file__, "--child", preset, "--cache", cache, "--batch", str(batch)],
+def run_child(name: str, cache: str, batch: int) -> dict:
+  result = subprocess.run([sys.executable, __file__, "--child", name, "--cache", cache, "--batch", str(batch)],
                           capture_output=True, text=True, cwd=ROOT, check=False)
   if result.returncode:
-    raise RuntimeError(f"{preset} startup failed:\n{result.stderr[-3000:]}")
+    raise RuntimeError(f"{name} startup failed:\n{result.stderr[-3000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -65,7 +66,7 @@ def main() -> None:
   parser.add_argument("--paper", action="store_true", help="also the paper config (batch 1)")
   parser.add_argument("--batch", type=int, default=8, help="tiny-config batch")
   parser.add_argument("--out", default="benchmarks/results_startup.json")
-  parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--child", choices=PRESETS, help=argparse.SUPPRESS)
   parser.add_argument("--cache", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -73,10 +74,10 @@ def main() -> None:
     return
 
   results = {}
-  for preset, batch in [("tiny", args.batch)] + ([("", 1)] if args.paper else []):
+  for name, batch in [("tiny", args.batch)] + ([("paper", 1)] if args.paper else []):
     with tempfile.TemporaryDirectory() as cache:
-      results[preset or "paper"] = {"batch": batch, "compiled": run_child(preset, cache, batch),
-                                    "from_cache": run_child(preset, cache, batch)}
+      results[name] = {"batch": batch, "compiled": run_child(name, cache, batch),
+                       "from_cache": run_child(name, cache, batch)}
   print("| config | run | build state s | programs (from cache) | compile train step s | total s |")
   print("|---|---|---|---|---|---|")
   for name, runs in results.items():
