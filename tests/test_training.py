@@ -119,7 +119,7 @@ LOADED_FROM_CACHE = r"train step compiled in [\d.]+ s \([1-9]\d* of \d+ programs
 
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   """12 uninterrupted steps == SIGTERM (clean save and exit), resume (loading the compiled train step from
-  the run's compilation cache), SIGKILL mid-run, resume."""
+  the compilation cache: here the tests' shared one), SIGKILL mid-run, resume."""
   import numpy as np
   fast = ("--config.train.checkpoint_every=1", "--config.train.log_every=1", "--config.loss.lpips_weight=0")
   straight = python(train_command(tmp_path / "a", data_dir, 12, *fast))

@@ -287,9 +287,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   budgets = sorted(set(budgets or default_budgets(max_tokens)))
   if budgets[0] < 1 or budgets[-1] > max_tokens:
     raise ValueError(f"budgets {budgets} must lie in 1..{max_tokens} (config.model.max_tokens)")
-  model, origin = load_model(config, workdir, step=step, weights=weights)  # first: fails fast on a mismatch
   if config.train.get("compilation_cache"):  # the run's cache: evaluating again loads the programs
-    xla.cache_compiled_programs(Path(workdir) / "compilation_cache")
+    xla.cache_compiled_programs(Path(workdir) / "compilation_cache")  # before the model's initialisers compile
+  model, origin = load_model(config, workdir, step=step, weights=weights)  # first: fails fast on a mismatch
   inception_model = fid.load_inception(inception) if inception else None
   out = Path(out) if out else Path(workdir) / "eval"
   model_def, params = nnx.split(model)
