@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from dove_jax import xla
 from dove_jax.convert.common import ConversionError
 from dove_jax.evaluation import run
 
@@ -68,4 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla.restart_with_huge_page_malloc()  # CPU: no page faults on every call's temporaries
   app.run(main, flags_parser=parse_flags)

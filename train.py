@@ -8,6 +8,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir. SIG
 from absl import app, flags
 from ml_collections import config_flags
 
+from dove_jax import xla
 from dove_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
@@ -22,4 +23,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla.restart_with_huge_page_malloc()  # CPU: no page faults on every step's temporaries
   app.run(main)

@@ -7,14 +7,17 @@
 
 In one run on one machine: the f32 matmul peak, then per config the encode / decode (and, tiny, train step)
 time per batch, images/s, compile time, XLA's buffer memory, XLA's FLOP count and the fraction of the
-matmul peak reached; the PyTorch reference on the same weights (benchmarks/torch_reference.py, in its own
-process with the same number of threads, run before JAX starts) and the ratio ours/theirs. `--curve` times
+matmul peak reached; the PyTorch reference on the same weights (benchmarks/torch_reference.py, in processes
+of its own with the same number of threads, timed call by call in turn with ours) and the ratio ours/theirs.
+`--curve` times
 encode at forced lengths 256 ... 16 with the cached chunked generator, beside the one-pass generator, and
 the length-bucketed decoder. Writes a JSON file and prints a table. Times are medians after a warm-up.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -31,7 +34,7 @@ from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import bench_inputs, max_rss_mib, median_time  # noqa: E402
+from benchmarks.common import bench_inputs, interleaved_times, max_rss_mib, median_time, seconds  # noqa: E402
 from configs.dove import get_config  # noqa: E402
 from dove_jax import xla  # noqa: E402
 from dove_jax.convert.diffusers_vq import load_diffusers_vqgan  # noqa: E402
@@ -69,12 +72,14 @@ def rates(timing: dict, batch: int, gflop: float | None, peak_gflops: float) -> 
   return result
 
 
-def bench_jax(fn, args, batch: int, repeats: int, peak_gflops: float, **jit_kwargs) -> tuple[dict, object]:
-  """A jitted fn(*args): median time, compile time, XLA FLOPs and memory. Returns (stats, one output)."""
-  compiled, compile_s = aot_compile(fn, args, **jit_kwargs)
+def bench_jax(fn, args, batch: int, repeats: int, peak_gflops: float, phase: str,
+              references: list[TorchReference]) -> tuple[dict, dict | None, object]:
+  """A jitted fn(*args), timed in turn with the references' `phase`: (our stats: median time, compile time,
+  XLA FLOPs and memory; the faster reference's timing; one output of ours)."""
+  compiled, compile_s = aot_compile(fn, args)
   cost = xla_cost(compiled)
-  timing = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-  return dict(rates(timing, batch, cost["gflop"], peak_gflops), compile_s=compile_s, **cost), compiled(*args)
+  ours, theirs = compare(lambda: jax.block_until_ready(compiled(*args)), phase, references, repeats)
+  return dict(rates(ours, batch, cost["gflop"], peak_gflops), compile_s=compile_s, **cost), theirs, compiled(*args)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
@@ -88,27 +93,62 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
+SETTLE_S = 0.25  # between calls of different sides: see common.interleaved_times
 
-def run_torch(preset: str, batch: int, repeats: int, threads: int, train: bool, folder: Path) -> dict:
-  """benchmarks/torch_reference.py in a fresh process, once with OpenMP's default (spinning) wait policy and
-  once with OMP_WAIT_POLICY=PASSIVE; per phase the faster of the two is kept, named in `omp_wait_policy`.
-  Spinning threads are fastest on an idle machine, but when another process holds a core each of the many
-  small parallel regions can wait for a descheduled thread (we saw 10x swings): the reference gets the better
-  of both. Its weights and outputs stay in `folder` (the default-policy run's)."""
-  command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset,
-             "--batch", str(batch), "--repeats", str(repeats), "--threads", str(threads)]
-  command += ["--train"] if train else []
-  best = {}
-  for policy, out in [("default", folder), ("PASSIVE", folder / "passive")]:
-    env = dict(os.environ, OMP_WAIT_POLICY=policy) if policy != "default" else os.environ
-    subprocess.run(command + ["--out", str(out)], check=True, env=env)
-    timings = json.loads((out / "timings.json").read_text())
-    for phase in ("encode", "decode", "train_step"):
-      if phase in timings and (phase not in best or timings[phase]["median_s"] < best[phase]["median_s"]):
-        best[phase] = dict(timings[phase], omp_wait_policy=policy)
-    best.update({k: v for k, v in timings.items() if k in ("torch", "threads")},
-                matmul_gflops=max(best.get("matmul_gflops", 0), timings["matmul_gflops"]))
-  return best
+
+
+class TorchReference:
+  """benchmarks/torch_reference.py serving one config in a process of its own under one OpenMP wait policy:
+  `seconds(phase)` runs that phase there once and returns the seconds it took."""
+
+  def __init__(self, preset: str, batch: int, threads: int, folder: Path, policy: str):
+    env = dict(os.environ, OMP_WAIT_POLICY=policy) if policy != "default" else dict(os.environ)
+    command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset,
+               "--batch", str(batch), "--threads", str(threads), "--out", str(folder)]
+    self.policy, self.folder = policy, folder
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.info = self._reply()  # threads, torch version, its matmul peak
+    self.max_rss_mib = None
+
+  def _reply(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"torch_reference.py (OMP_WAIT_POLICY {self.policy}) exited with {self.process.wait()}")
+    return json.loads(line)
+
+  def seconds(self, phase: str) -> float:
+    self.process.stdin.write(phase + "\n")
+    self.process.stdin.flush()
+    reply = self._reply()
+    self.max_rss_mib = reply["max_rss_mib"]
+    return reply["s"]
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait()
+
+
+@contextlib.contextmanager
+def torch_references(preset: str, batch: int, threads: int, folder: Path, policies: list[str]):
+  """One TorchReference per OpenMP wait policy, started one after the other (each measures its matmul peak
+  on an idle machine). Spinning threads (the default) are fastest on an idle machine, but when another process
+  holds a core each of the many small parallel regions can wait for a descheduled thread (we saw 10x swings):
+  the reference gets the better of both, per phase."""
+  with contextlib.ExitStack() as stack:
+    references = []
+    for policy in policies:
+      references.append(TorchReference(preset, batch, threads, folder / policy, policy))
+      stack.callback(references[-1].close)
+    yield references
+
+
+def compare(ours, phase: str, references: list[TorchReference], repeats: int) -> tuple[dict, dict | None]:
+  """ours() (blocking) and each reference's `phase`, timed in turn (interleaved_times): (our timing, the
+  timing of the reference with the lower median, named by its `omp_wait_policy`)."""
+  calls = {"jax": seconds(ours), **{ref.policy: functools.partial(ref.seconds, phase) for ref in references}}
+  times = interleaved_times(calls, repeats, settle_s=SETTLE_S, warm_calls=1)
+  theirs = [dict(times[ref.policy], omp_wait_policy=ref.policy, max_rss_mib=ref.max_rss_mib) for ref in references]
+  return times["jax"], min(theirs, key=lambda t: t["median_s"], default=None)
 
 
 def load_torch_weights(model: DOVE, weights: dict[str, np.ndarray]) -> None:
@@ -131,9 +171,11 @@ def load_torch_weights(model: DOVE, weights: dict[str, np.ndarray]) -> None:
 # ------------------------------------------------------------------------------------------------ JAX
 
 
-def bench_forward(config, batch: int, repeats: int, peak: float, torch_dir: Path) -> dict:
+def bench_forward(config, batch: int, repeats: int, peak: float, references: list[TorchReference]) -> dict:
   """encode and decode under jax.jit over the nnx.split state, at full length (the PyTorch side forces the
-  same), on the PyTorch reference's weights."""
+  same), on the PyTorch reference's weights, each timed in turn with the references'. Returns our stats, and
+  theirs under "torch"."""
+  torch_dir = references[0].folder
   model = DOVE(**config.model, rngs=nnx.Rngs(0))
   load_torch_weights(model, dict(np.load(torch_dir / "weights.npz")))
   graphdef, state = nnx.split(model)
@@ -141,18 +183,22 @@ def bench_forward(config, batch: int, repeats: int, peak: float, torch_dir: Path
   budget = jnp.full((batch,), config.model.max_tokens, jnp.int32)
   encode = lambda state, images, budget: nnx.merge(graphdef, state).encode(images, budget)  # noqa: E731
   decode = lambda state, tokens: nnx.merge(graphdef, state).decode(tokens)  # noqa: E731
-  encode_stats, tokens = bench_jax(encode, (state, images, budget), batch, repeats, peak)
-  decode_stats, recon = bench_jax(decode, (state, tokens), batch, repeats, peak)
+  encode_stats, torch_encode, tokens = bench_jax(encode, (state, images, budget), batch, repeats, peak, "encode",
+                                                 references)
+  decode_stats, torch_decode, recon = bench_jax(decode, (state, tokens), batch, repeats, peak, "decode", references)
   theirs = np.load(torch_dir / "outputs.npz")
   diffs = {"tokens": np.abs(np.asarray(tokens.tokens) - theirs["tokens"]).max(),
            "eos_prob": np.abs(np.asarray(tokens.eos_prob) - theirs["eos_prob"]).max(),
            "reconstruction": np.abs(np.asarray(recon) - theirs["reconstruction"]).max()}
   return {"batch": batch, "image_size": config.model.image_size, "encode": encode_stats, "decode": decode_stats,
-          "max_abs_diff_vs_torch": {k: float(v) for k, v in diffs.items()}}
+          "max_abs_diff_vs_torch": {k: float(v) for k, v in diffs.items()},
+          "torch": {"encode": torch_encode, "decode": torch_decode}}
 
 
-def bench_train_step(config, batch: int, repeats: int, peak: float) -> dict:
-  """The full train step (generator + discriminator, state donated) on a 1-device mesh."""
+def bench_train_step(config, batch: int, repeats: int, peak: float,
+                     references: list[TorchReference]) -> tuple[dict, dict | None]:
+  """The full train step (generator + discriminator, state donated) on a 1-device mesh, timed in turn with the
+  references' train step: (our stats, theirs)."""
   from dove_jax.training import mesh as meshlib
   from dove_jax.training.loop import build_training
   mesh = meshlib.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -169,9 +215,9 @@ def bench_train_step(config, batch: int, repeats: int, peak: float) -> dict:
     holder["state"], metrics = compiled(holder["state"], data, setup.lpips)  # the state is donated
     float(metrics["loss"])  # a host sync, as the PyTorch side's loss.item()
 
-  timing = median_time(step, repeats)
-  return dict(rates(timing, batch, cost["gflop"], peak), compile_s=compile_s, lpips=bool(config.loss.lpips_weight),
-              **cost)
+  ours, theirs = compare(step, "train_step", references, repeats)
+  return dict(rates(ours, batch, cost["gflop"], peak), compile_s=compile_s, lpips=bool(config.loss.lpips_weight),
+              **cost), theirs
 
 
 def curve_config():
@@ -287,28 +333,27 @@ def main() -> None:
   parser.add_argument("--curve", action="store_true", help="also encode / decode time against the length")
   parser.add_argument("--curve-batch", type=int, default=4)
   parser.add_argument("--chunk-size", type=int, default=32, help="chunked generation (32 measured best here)")
+  parser.add_argument("--omp-wait-policies", nargs="+", default=["default", "PASSIVE"],
+                      help="one PyTorch process per OMP_WAIT_POLICY; each phase keeps the faster")
   args = parser.parse_args()
   threads = os.cpu_count()  # XLA's CPU backend uses every core; PyTorch gets as many threads
 
   runs = {"tiny": (get_config("tiny"), args.batch, args.repeats, not args.no_train)}
   if args.paper:
     runs["paper"] = (get_config(), args.paper_batch, args.paper_repeats, args.paper_train)
-  results = {"configs": {}}
-  with tempfile.TemporaryDirectory() as tmp:
-    # PyTorch first, each config in its own process, before JAX has started a thread.
-    torch_runs = {name: run_torch(name, batch, repeats, threads, train, Path(tmp) / name)
-                  for name, (_, batch, repeats, train) in runs.items()}
-    results["machine"] = machine(threads)
-    results["matmul_peak"] = dict(matmul_peak(), torch_gflops=torch_runs["tiny"]["matmul_gflops"])
-    results["torch_version"] = torch_runs["tiny"]["torch"]
-    peak = results["matmul_peak"]["gflops"]
-    for name, (config, batch, repeats, train) in runs.items():
-      run = bench_forward(config, batch, repeats, peak, Path(tmp) / name)
+  results = {"configs": {}, "machine": machine(threads), "matmul_peak": matmul_peak()}
+  peak = results["matmul_peak"]["gflops"]
+  for name, (config, batch, repeats, train) in runs.items():
+    with tempfile.TemporaryDirectory() as tmp, \
+        torch_references(name, batch, threads, Path(tmp), args.omp_wait_policies) as references:
+      results["torch_version"] = references[0].info["torch"]
+      results["matmul_peak"]["torch_gflops"] = max([results["matmul_peak"].get("torch_gflops", 0.0)]
+                                                   + [ref.info["matmul_gflops"] for ref in references])
+      run = bench_forward(config, batch, repeats, peak, references)
       if train:
         config.loss.lpips_weight = 0.0  # as the PyTorch side, which has no LPIPS
-        run["train_step"] = bench_train_step(config, batch, repeats, peak)
-      run["torch"] = {k: v for k, v in torch_runs[name].items() if k in ("encode", "decode", "train_step")}
-      results["configs"][name] = run
+        run["train_step"], run["torch"]["train_step"] = bench_train_step(config, batch, repeats, peak, references)
+    results["configs"][name] = run
   if args.curve:
     results["length_curve"] = bench_length_curve(args.curve_batch, 3, args.chunk_size, (256, 192, 128, 64, 32, 16))
   results["max_rss_mib"] = max_rss_mib()
@@ -321,4 +366,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  xla.restart_with_huge_page_malloc()  # as train.py; the PyTorch processes inherit it
   main()

@@ -1,22 +1,26 @@
-"""The PyTorch reference: DOVE composed from diffusers' `VQModel` and two transformers `GPTNeoXModel`s, timed
-in its own process.
+"""The PyTorch reference: DOVE composed from diffusers' `VQModel` and two transformers `GPTNeoXModel`s, run in
+its own process as a timing server.
 
-  python benchmarks/torch_reference.py --config tiny --batch 8 --out DIR
+  python benchmarks/torch_reference.py --config tiny --batch 8 --threads 2 --out DIR
 
-bench_cpu.py runs this before JAX does anything: in one process, XLA's idle worker threads slowed PyTorch
-by up to 10x on 2 cores. It writes DIR/weights.npz (every weight of the model, from torch's own random
-init: bench_cpu.py converts them into our DOVE with our converters), DIR/outputs.npz (its encode / decode
-outputs on the shared inputs, to compare) and DIR/timings.json.
+It writes DIR/weights.npz (every weight of the model, from torch's own random init: bench_cpu.py converts them
+into our DOVE with our converters) and DIR/outputs.npz (its encode / decode outputs on the shared inputs, to
+compare), prints one JSON line (threads, torch version, matmul peak), then serves: for each phase name read
+from stdin (`encode`, `decode`, `train_step`) it runs that phase once and prints a JSON line with the seconds
+it took and the process's peak memory. bench_cpu.py alternates these calls with its own, so both sides meet
+the same moments of a noisy machine. It is a process of its own because in one process, XLA's idle worker
+threads slowed PyTorch by up to 10x on 2 cores.
 
 The train step is the same as ours with LPIPS off (there is no PyTorch LPIPS with bundled weights here):
 forward at random budgets, L_rec = MSE + GAN (hinge), the EOS length loss, AdamW with clipping, then one
-discriminator step on the hinge loss. Timings are medians after one warm-up call.
+discriminator step on the hinge loss.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +184,25 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / median_time(lambda: torch.mm(a, a), repeats)["best_s"] / 1e9
 
 
+def serve(phases: dict, requests, replies) -> None:
+  """For each phase name on `requests` (one per line, until EOF), runs phases[name]() once and writes
+  {"s": seconds, "max_rss_mib": ...} to `replies`."""
+  for line in requests:
+    start = time.perf_counter()
+    phases[line.strip()]()
+    elapsed = time.perf_counter() - start
+    replies.write(json.dumps({"s": elapsed, "max_rss_mib": max_rss_mib()}) + "\n")
+    replies.flush()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="tiny", help="configs/dove.py preset: 'tiny' or 'paper'")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, required=True)
-  parser.add_argument("--train", action="store_true", help="also time the train step")
-  parser.add_argument("--out", required=True, help="a folder for weights.npz, outputs.npz, timings.json")
+  parser.add_argument("--out", required=True, help="a folder for weights.npz and outputs.npz")
   args = parser.parse_args()
+  replies, sys.stdout = sys.stdout, sys.stderr  # stdout carries the replies alone, whatever a library prints
   torch.set_num_threads(args.threads)
   torch.set_flush_denormal(True)  # as XLA's CPU code does (FTZ/DAZ)
   torch.manual_seed(0)
@@ -200,22 +214,30 @@ def main() -> None:
   np.savez(out / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
   images = torch.from_numpy(bench_inputs(config.model.image_size, args.batch).transpose(0, 3, 1, 2).copy())
   budget = torch.full((args.batch,), config.model.max_tokens)  # full length, as ours in bench_cpu.py
-
-  timings = {"threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_gflops": matmul_peak()}
   with torch.inference_mode():
-    timings["encode"] = median_time(lambda: model.encode(images, budget), args.repeats)
     tokens, mask, eos_prob, _ = model.encode(images, budget)
-    timings["encode"]["max_rss_mib"] = max_rss_mib()
-    timings["decode"] = median_time(lambda: model.decode(tokens, mask), args.repeats)
     recon = model.decode(tokens, mask)
-    timings["decode"]["max_rss_mib"] = max_rss_mib()
   np.savez(out / "outputs.npz", tokens=tokens.numpy(), eos_prob=eos_prob.numpy(),
            reconstruction=recon.numpy().transpose(0, 2, 3, 1))
-  if args.train:
-    step = make_train_step(config, model.train(), args.batch)
-    timings["train_step"] = median_time(lambda: step(images), args.repeats)
-    timings["train_step"]["max_rss_mib"] = max_rss_mib()
-  (out / "timings.json").write_text(json.dumps(timings, indent=2))
+  replies.write(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "matmul_gflops": matmul_peak()}) + "\n")
+  replies.flush()
+
+  @torch.inference_mode()
+  def forward(fn, *args):
+    model.eval()
+    fn(*args)
+
+  train_step = None
+
+  def train():
+    nonlocal train_step
+    train_step = train_step or make_train_step(config, model, args.batch)  # its optimizers on first use
+    model.train()
+    train_step(images)
+
+  serve({"encode": lambda: forward(model.encode, images, budget), "decode": lambda: forward(model.decode, tokens, mask),
+         "train_step": train}, sys.stdin, replies)
 
 
 if __name__ == "__main__":
