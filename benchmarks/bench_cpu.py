@@ -73,9 +73,9 @@ def rates(timing: dict, batch: int, gflop: float | None, peak_gflops: float) -> 
 
 
 def bench_jax(fn, args, batch: int, repeats: int, peak_gflops: float, phase: str,
-              references: list[TorchReference]) -> tuple[dict, dict | None, object]:
+              references: list[TorchReference]) -> tuple[dict, dict, object]:
   """A jitted fn(*args), timed in turn with the references' `phase`: (our stats: median time, compile time,
-  XLA FLOPs and memory; the faster reference's timing; one output of ours)."""
+  XLA FLOPs and memory; the references' timings by name; one output of ours)."""
   compiled, compile_s = aot_compile(fn, args)
   cost = xla_cost(compiled)
   ours, theirs = compare(lambda: jax.block_until_ready(compiled(*args)), phase, references, repeats)
@@ -94,18 +94,22 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
 # ------------------------------------------------------------------------------------------------ PyTorch
 
 SETTLE_S = 0.25  # between calls of different sides: see common.interleaved_times
-
+# The reference's processes: PyTorch as it ships (glibc's default malloc), and with the malloc setting our
+# train.py restarts into (xla.restart_with_huge_page_malloc), which speeds PyTorch's big allocations as well.
+REFERENCES = {"stock": None, "huge_pages": xla.HUGE_PAGE_MALLOC}  # name -> GLIBC_TUNABLES
 
 
 class TorchReference:
-  """benchmarks/torch_reference.py serving one config in a process of its own under one OpenMP wait policy:
-  `seconds(phase)` runs that phase there once and returns the seconds it took."""
+  """benchmarks/torch_reference.py serving one config in a process of its own (OpenMP's default wait policy;
+  `tunables`: its GLIBC_TUNABLES, None for glibc's defaults): `seconds(phase)` runs that phase there once and
+  returns the seconds it took."""
 
-  def __init__(self, preset: str, batch: int, threads: int, folder: Path, policy: str):
-    env = dict(os.environ, OMP_WAIT_POLICY=policy) if policy != "default" else dict(os.environ)
+  def __init__(self, preset: str, batch: int, threads: int, folder: Path, name: str, tunables: str | None):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
     command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset,
                "--batch", str(batch), "--threads", str(threads), "--out", str(folder)]
-    self.policy, self.folder = policy, folder
+    self.name, self.folder = name, folder
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._reply()  # threads, torch version, its matmul peak
     self.max_rss_mib = None
@@ -113,7 +117,7 @@ class TorchReference:
   def _reply(self) -> dict:
     line = self.process.stdout.readline()
     if not line:
-      raise RuntimeError(f"torch_reference.py (OMP_WAIT_POLICY {self.policy}) exited with {self.process.wait()}")
+      raise RuntimeError(f"torch_reference.py ({self.name}) exited with {self.process.wait()}")
     return json.loads(line)
 
   def seconds(self, phase: str) -> float:
@@ -129,26 +133,23 @@ class TorchReference:
 
 
 @contextlib.contextmanager
-def torch_references(preset: str, batch: int, threads: int, folder: Path, policies: list[str]):
-  """One TorchReference per OpenMP wait policy, started one after the other (each measures its matmul peak
-  on an idle machine). Spinning threads (the default) are fastest on an idle machine, but when another process
-  holds a core each of the many small parallel regions can wait for a descheduled thread (we saw 10x swings):
-  the reference gets the better of both, per phase."""
+def torch_references(preset: str, batch: int, threads: int, folder: Path, names: list[str]):
+  """One TorchReference per name of REFERENCES, started one after the other (each measures its matmul peak
+  on an idle machine)."""
   with contextlib.ExitStack() as stack:
     references = []
-    for policy in policies:
-      references.append(TorchReference(preset, batch, threads, folder / policy, policy))
+    for name in names:
+      references.append(TorchReference(preset, batch, threads, folder / name, name, REFERENCES[name]))
       stack.callback(references[-1].close)
     yield references
 
 
-def compare(ours, phase: str, references: list[TorchReference], repeats: int) -> tuple[dict, dict | None]:
+def compare(ours, phase: str, references: list[TorchReference], repeats: int) -> tuple[dict, dict]:
   """ours() (blocking) and each reference's `phase`, timed in turn (interleaved_times): (our timing, the
-  timing of the reference with the lower median, named by its `omp_wait_policy`)."""
-  calls = {"jax": seconds(ours), **{ref.policy: functools.partial(ref.seconds, phase) for ref in references}}
+  references' by name)."""
+  calls = {"jax": seconds(ours), **{ref.name: functools.partial(ref.seconds, phase) for ref in references}}
   times = interleaved_times(calls, repeats, settle_s=SETTLE_S, warm_calls=1)
-  theirs = [dict(times[ref.policy], omp_wait_policy=ref.policy, max_rss_mib=ref.max_rss_mib) for ref in references]
-  return times["jax"], min(theirs, key=lambda t: t["median_s"], default=None)
+  return times["jax"], {ref.name: dict(times[ref.name], max_rss_mib=ref.max_rss_mib) for ref in references}
 
 
 def load_torch_weights(model: DOVE, weights: dict[str, np.ndarray]) -> None:
@@ -192,11 +193,11 @@ def bench_forward(config, batch: int, repeats: int, peak: float, references: lis
            "reconstruction": np.abs(np.asarray(recon) - theirs["reconstruction"]).max()}
   return {"batch": batch, "image_size": config.model.image_size, "encode": encode_stats, "decode": decode_stats,
           "max_abs_diff_vs_torch": {k: float(v) for k, v in diffs.items()},
-          "torch": {"encode": torch_encode, "decode": torch_decode}}
+          "torch": {"encode": torch_encode, "decode": torch_decode}}  # phase -> reference name -> timing
 
 
 def bench_train_step(config, batch: int, repeats: int, peak: float,
-                     references: list[TorchReference]) -> tuple[dict, dict | None]:
+                     references: list[TorchReference]) -> tuple[dict, dict]:
   """The full train step (generator + discriminator, state donated) on a 1-device mesh, timed in turn with the
   references' train step: (our stats, theirs)."""
   from dove_jax.training import mesh as meshlib
@@ -286,25 +287,24 @@ def table(results: dict) -> str:
            f"torch {results.get('torch_version', '-')}",
            f"f32 matmul {peak['n']}^2 peak: JAX {peak['gflops']:.1f} GFLOP/s, "
            f"PyTorch {fmt(peak.get('torch_gflops'), '.1f')} GFLOP/s", ""]
-  header = (f"{'config':<6} {'phase':<7} {'impl':<6} {'s/batch':>8} {'best s':>8} {'img/s':>8} {'compile s':>9} "
+  header = (f"{'config':<6} {'phase':<7} {'impl':<17} {'s/batch':>8} {'best s':>8} {'img/s':>8} {'compile s':>9} "
             f"{'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6} {'mem MiB':>8} {'ours/theirs':>11} {'(best)':>6}")
   lines += [header, "-" * len(header)]
   for name, run in results["configs"].items():
     for phase in ("encode", "decode", "train_step"):
       if phase not in run:
         continue
-      ours, theirs = run[phase], run.get("torch", {}).get(phase)
-      ratio = theirs and theirs["median_s"] / ours["median_s"]  # images/s ours over theirs
-      best_ratio = theirs and theirs["best_s"] / ours["best_s"]
+      ours = run[phase]
       pct = ours.get("peak_fraction") and 100 * ours["peak_fraction"]
-      lines.append(f"{name:<6} {phase[:7]:<7} {'jax':<6} {ours['median_s']:>8.4f} {ours['best_s']:>8.4f} "
+      lines.append(f"{name:<6} {phase[:7]:<7} {'jax':<17} {ours['median_s']:>8.4f} {ours['best_s']:>8.4f} "
                    f"{ours['images_per_s']:>8.2f} {ours['compile_s']:>9.2f} {fmt(ours.get('gflop')):>8} "
-                   f"{fmt(ours.get('gflops_per_s'), '.1f'):>8} {fmt(pct, '.1f'):>6} "
-                   f"{ours['xla_memory_mib']:>8.0f} {fmt(ratio, '.2f'):>11} {fmt(best_ratio, '.2f'):>6}")
-      if theirs:
-        lines.append(f"{name:<6} {phase[:7]:<7} {'torch':<6} {theirs['median_s']:>8.4f} {theirs['best_s']:>8.4f} "
-                     f"{run['batch'] / theirs['median_s']:>8.2f} {'-':>9} {'-':>8} {'-':>8} {'-':>6} "
-                     f"{theirs['max_rss_mib']:>8.0f}  OMP {theirs['omp_wait_policy']}")
+                   f"{fmt(ours.get('gflops_per_s'), '.1f'):>8} {fmt(pct, '.1f'):>6} {ours['xla_memory_mib']:>8.0f}")
+      for reference, theirs in run["torch"].get(phase, {}).items():
+        ratio = theirs["median_s"] / ours["median_s"]  # images/s, ours over theirs
+        best_ratio = theirs["best_s"] / ours["best_s"]
+        lines.append(f"{name:<6} {phase[:7]:<7} {'torch ' + reference:<17} {theirs['median_s']:>8.4f} "
+                     f"{theirs['best_s']:>8.4f} {run['batch'] / theirs['median_s']:>8.2f} {'-':>9} {'-':>8} {'-':>8} "
+                     f"{'-':>6} {theirs['max_rss_mib']:>8.0f} {ratio:>11.2f} {best_ratio:>6.2f}")
     if "max_abs_diff_vs_torch" in run:
       diffs = ", ".join(f"{k} {v:.2e}" for k, v in run["max_abs_diff_vs_torch"].items())
       lines.append(f"{name:<6} jax vs torch max |diff|: {diffs}")
@@ -333,8 +333,8 @@ def main() -> None:
   parser.add_argument("--curve", action="store_true", help="also encode / decode time against the length")
   parser.add_argument("--curve-batch", type=int, default=4)
   parser.add_argument("--chunk-size", type=int, default=32, help="chunked generation (32 measured best here)")
-  parser.add_argument("--omp-wait-policies", nargs="+", default=["default", "PASSIVE"],
-                      help="one PyTorch process per OMP_WAIT_POLICY; each phase keeps the faster")
+  parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES),
+                      help="the PyTorch processes: as it ships (stock), with our malloc setting (huge_pages)")
   args = parser.parse_args()
   threads = os.cpu_count()  # XLA's CPU backend uses every core; PyTorch gets as many threads
 
@@ -345,7 +345,7 @@ def main() -> None:
   peak = results["matmul_peak"]["gflops"]
   for name, (config, batch, repeats, train) in runs.items():
     with tempfile.TemporaryDirectory() as tmp, \
-        torch_references(name, batch, threads, Path(tmp), args.omp_wait_policies) as references:
+        torch_references(name, batch, threads, Path(tmp), args.references) as references:
       results["torch_version"] = references[0].info["torch"]
       results["matmul_peak"]["torch_gflops"] = max([results["matmul_peak"].get("torch_gflops", 0.0)]
                                                    + [ref.info["matmul_gflops"] for ref in references])
