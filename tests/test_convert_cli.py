@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
