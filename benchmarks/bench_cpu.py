@@ -9,9 +9,8 @@ In one run on one machine: the f32 matmul peak, then per config the encode / dec
 time per batch, images/s, compile time, XLA's buffer memory, XLA's FLOP count and the fraction of the
 matmul peak reached; the PyTorch reference on the same weights (benchmarks/torch_reference.py, in processes
 of its own with the same number of threads, timed call by call in turn with ours) and the ratio ours/theirs.
-`--curve` times
-encode at forced lengths 256 ... 16 with the cached chunked generator, beside the one-pass generator, and
-the length-bucketed decoder. Writes a JSON file and prints a table. Times are medians after a warm-up.
+`--curve` times encode at forced lengths 256 ... 16 with the cached chunked generator, beside the one-pass
+generator, and the length-bucketed decoder. Writes a JSON file and prints a table. Times are medians after a warm-up.
 """
 from __future__ import annotations
 

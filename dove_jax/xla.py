@@ -71,6 +71,11 @@ class CompileCounter:
     monitoring.unregister_event_listener(self._on_event)
 
 
+def transparent_huge_pages_on() -> bool:
+  """Whether the kernel gives transparent huge pages to memory that asks for them (`always` or `madvise`)."""
+  return TRANSPARENT_HUGE_PAGES.exists() and "[never]" not in TRANSPARENT_HUGE_PAGES.read_text()
+
+
 def restart_with_huge_page_malloc() -> None:
   """Re-executes this process (same interpreter, same arguments) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
   once; train.py, eval.py and the benchmarks call it first thing.
@@ -79,14 +84,12 @@ def restart_with_huge_page_malloc() -> None:
   about 3 GB at paper size). glibc maps a block that large on malloc and unmaps it on free, so every call
   faults in each of its 4 KiB pages again: 51,000 faults per tiny step, a quarter of its CPU time spent in
   the kernel; 850,000 per paper step. With this tunable (glibc >= 2.35) glibc asks for transparent huge
-  pages for such blocks, so there is one fault per 2 MiB: the tiny step drops from 0.27 to 0.18 s, the paper
+  pages for such blocks, so there is one fault per 2 MiB: the tiny step drops from 0.27 to 0.19 s, the paper
   step from 10.3 to 8.5 s (docs/performance.md). glibc reads its tunables only at process start, hence the
   restart. It does nothing when GLIBC_TUNABLES is set already (the user's settings win), without glibc, or
   where the kernel's transparent huge pages are off.
   """
-  if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc":
-    return
-  if not TRANSPARENT_HUGE_PAGES.exists() or "[never]" in TRANSPARENT_HUGE_PAGES.read_text():
+  if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc" or not transparent_huge_pages_on():
     return
   os.environ["GLIBC_TUNABLES"] = HUGE_PAGE_MALLOC
   sys.stdout.flush()

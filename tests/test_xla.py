@@ -87,8 +87,7 @@ print(json.dumps([os.environ.get("GLIBC_TUNABLES"), sys.argv[1:],
 """
 
 
-@pytest.mark.skipif(not xla.TRANSPARENT_HUGE_PAGES.exists() or "[never]" in xla.TRANSPARENT_HUGE_PAGES.read_text(),
-                    reason="transparent huge pages are off in this kernel")
+@pytest.mark.skipif(not xla.transparent_huge_pages_on(), reason="transparent huge pages are off in this kernel")
 def test_the_restart_with_huge_page_malloc_stops_the_page_faults_of_each_call():
   env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
 
