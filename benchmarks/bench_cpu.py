@@ -4,6 +4,9 @@
   python benchmarks/bench_cpu.py --paper             + the paper config, encode and decode (slow)
   python benchmarks/bench_cpu.py --paper --paper-train   + the paper config's train step (slower)
   python benchmarks/bench_cpu.py --curve             + encode / decode time against the sequence length
+  python benchmarks/bench_cpu.py --no-lpips          train steps without LPIPS on both sides
+
+The train step is the config's own, LPIPS included (the PyTorch side's is `TorchLPIPS`, on the same weights).
 
 In one run on one machine: the f32 matmul peak, then per config the encode / decode (and, tiny, train step)
 time per batch, images/s, compile time, XLA's buffer memory, XLA's FLOP count and the fraction of the
@@ -40,6 +43,7 @@ from dove_jax.convert.diffusers_vq import load_diffusers_vqgan  # noqa: E402
 from dove_jax.convert.neox import load_pythia  # noqa: E402
 from dove_jax.models import buckets  # noqa: E402
 from dove_jax.models.dove import DOVE  # noqa: E402
+from dove_jax.perceptual import load_lpips  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ measuring
 
@@ -103,11 +107,12 @@ class TorchReference:
   `tunables`: its GLIBC_TUNABLES, None for glibc's defaults): `seconds(phase)` runs that phase there once and
   returns the seconds it took."""
 
-  def __init__(self, preset: str, batch: int, threads: int, folder: Path, name: str, tunables: str | None):
+  def __init__(self, preset: str, batch: int, threads: int, folder: Path, name: str, tunables: str | None,
+               lpips: bool):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
-    command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset,
-               "--batch", str(batch), "--threads", str(threads), "--out", str(folder)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset, "--batch",
+               str(batch), "--threads", str(threads), "--out", str(folder), *([] if lpips else ["--no-lpips"])]
     self.name, self.folder = name, folder
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.info = self._reply()  # threads, torch version, its matmul peak
@@ -132,13 +137,13 @@ class TorchReference:
 
 
 @contextlib.contextmanager
-def torch_references(preset: str, batch: int, threads: int, folder: Path, names: list[str]):
+def torch_references(preset: str, batch: int, threads: int, folder: Path, names: list[str], lpips: bool):
   """One TorchReference per name of REFERENCES, started one after the other (each measures its matmul peak
   on an idle machine)."""
   with contextlib.ExitStack() as stack:
     references = []
     for name in names:
-      references.append(TorchReference(preset, batch, threads, folder / name, name, REFERENCES[name]))
+      references.append(TorchReference(preset, batch, threads, folder / name, name, REFERENCES[name], lpips))
       stack.callback(references[-1].close)
     yield references
 
@@ -187,9 +192,11 @@ def bench_forward(config, batch: int, repeats: int, peak: float, references: lis
                                                  references)
   decode_stats, torch_decode, recon = bench_jax(decode, (state, tokens), batch, repeats, peak, "decode", references)
   theirs = np.load(torch_dir / "outputs.npz")
+  lpips = load_lpips()(images, images[:, :, ::-1])  # the inputs against their mirror images
   diffs = {"tokens": np.abs(np.asarray(tokens.tokens) - theirs["tokens"]).max(),
            "eos_prob": np.abs(np.asarray(tokens.eos_prob) - theirs["eos_prob"]).max(),
-           "reconstruction": np.abs(np.asarray(recon) - theirs["reconstruction"]).max()}
+           "reconstruction": np.abs(np.asarray(recon) - theirs["reconstruction"]).max(),
+           "lpips": np.abs(np.asarray(lpips) - theirs["lpips"]).max()}
   return {"batch": batch, "image_size": config.model.image_size, "encode": encode_stats, "decode": decode_stats,
           "max_abs_diff_vs_torch": {k: float(v) for k, v in diffs.items()},
           "torch": {"encode": torch_encode, "decode": torch_decode}}  # phase -> reference name -> timing
@@ -325,6 +332,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8, help="tiny-config batch")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up (tiny)")
   parser.add_argument("--no-train", action="store_true", help="skip the train step")
+  parser.add_argument("--no-lpips", action="store_true",
+                      help="train steps without LPIPS on both sides (the configs have it; earlier runs had not)")
   parser.add_argument("--paper", action="store_true", help="also the paper config, encode and decode (slow)")
   parser.add_argument("--paper-batch", type=int, default=1)
   parser.add_argument("--paper-repeats", type=int, default=2)
@@ -343,14 +352,15 @@ def main() -> None:
   results = {"configs": {}, "machine": machine(threads), "matmul_peak": matmul_peak()}
   peak = results["matmul_peak"]["gflops"]
   for name, (config, batch, repeats, train) in runs.items():
+    if args.no_lpips:
+      config.loss.lpips_weight = 0.0
     with tempfile.TemporaryDirectory() as tmp, \
-        torch_references(name, batch, threads, Path(tmp), args.references) as references:
+        torch_references(name, batch, threads, Path(tmp), args.references, not args.no_lpips) as references:
       results["torch_version"] = references[0].info["torch"]
       results["matmul_peak"]["torch_gflops"] = max([results["matmul_peak"].get("torch_gflops", 0.0)]
                                                    + [ref.info["matmul_gflops"] for ref in references])
       run = bench_forward(config, batch, repeats, peak, references)
       if train:
-        config.loss.lpips_weight = 0.0  # as the PyTorch side, which has no LPIPS
         run["train_step"], run["torch"]["train_step"] = bench_train_step(config, batch, repeats, peak, references)
     results["configs"][name] = run
   if args.curve:

