@@ -185,10 +185,11 @@ def eos_length_loss(eos_prob, lengths, rec, threshold):
   return torch.where(rec.detach() > threshold, at_stop, fewer)
 
 
-def make_train_step(config, model: TorchDOVE, batch: int):
-  """One step of ours (dove_jax.training.step), as a closure over its optimizers."""
+def make_train_step(config, model: TorchDOVE, batch: int, lpips: TorchLPIPS):
+  """One step of ours (dove_jax.training.step), as a closure over its optimizers (LPIPS only where the config
+  weighs it)."""
   disc = PatchDiscriminator(config.discriminator.base_channels, config.discriminator.num_layers)
-  lpips = TorchLPIPS() if config.loss.lpips_weight else None
+  lpips = lpips if config.loss.lpips_weight else None
   o = config.optim
   opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), weight_decay=o.weight_decay)
   disc_opt = torch.optim.AdamW(disc.parameters(), lr=o.disc_learning_rate, betas=(o.b1, o.b2))
@@ -262,12 +263,13 @@ def main() -> None:
   np.savez(out / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
   images = torch.from_numpy(bench_inputs(config.model.image_size, args.batch).transpose(0, 3, 1, 2).copy())
   budget = torch.full((args.batch,), config.model.max_tokens)  # full length, as ours in bench_cpu.py
+  lpips = TorchLPIPS()  # outside inference mode: the train step takes gradients through it
   with torch.inference_mode():
     tokens, mask, eos_prob, _ = model.encode(images, budget)
     recon = model.decode(tokens, mask)
-    lpips = TorchLPIPS()(images, images.flip(-1))
+    distances = lpips(images, images.flip(-1))
   np.savez(out / "outputs.npz", tokens=tokens.numpy(), eos_prob=eos_prob.numpy(),
-           reconstruction=recon.numpy().transpose(0, 2, 3, 1), lpips=lpips.numpy())
+           reconstruction=recon.numpy().transpose(0, 2, 3, 1), lpips=distances.numpy())
   replies.write(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
                             "matmul_gflops": matmul_peak()}) + "\n")
   replies.flush()
@@ -281,7 +283,7 @@ def main() -> None:
 
   def train():
     nonlocal train_step
-    train_step = train_step or make_train_step(config, model, args.batch)  # its optimizers on first use
+    train_step = train_step or make_train_step(config, model, args.batch, lpips)  # its optimizers on first use
     model.train()
     train_step(images)
 
