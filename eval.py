@@ -69,5 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla.restart_with_huge_page_malloc()  # CPU: no page faults on every call's temporaries
+  xla.restart_with_fast_malloc()  # CPU: no page faults on every call's temporaries
   app.run(main, flags_parser=parse_flags)

@@ -23,5 +23,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla.restart_with_huge_page_malloc()  # CPU: no page faults on every step's temporaries
+  xla.restart_with_fast_malloc()  # CPU: no page faults on every step's temporaries
   app.run(main)

@@ -97,20 +97,20 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
 # ------------------------------------------------------------------------------------------------ PyTorch
 
 SETTLE_S = 0.25  # between calls of different sides: see common.interleaved_times
-# The reference's processes: PyTorch as it ships (glibc's default malloc), and with the malloc setting our
-# train.py restarts into (xla.restart_with_huge_page_malloc), which speeds PyTorch's big allocations as well.
-REFERENCES = {"stock": None, "huge_pages": xla.HUGE_PAGE_MALLOC}  # name -> GLIBC_TUNABLES
+# The reference's processes: PyTorch as it ships (glibc's default malloc), and with the malloc our train.py
+# restarts into (xla.restart_with_fast_malloc), which speeds PyTorch's big allocations as well.
+REFERENCES = {"stock": {}, "our_malloc": xla.fast_malloc_environment()}  # name -> malloc variables
 
 
 class TorchReference:
   """benchmarks/torch_reference.py serving one config in a process of its own (OpenMP's default wait policy;
-  `tunables`: its GLIBC_TUNABLES, None for glibc's defaults): `seconds(phase)` runs that phase there once and
+  `malloc`: its malloc variables, {} for glibc's defaults): `seconds(phase)` runs that phase there once and
   returns the seconds it took."""
 
-  def __init__(self, preset: str, batch: int, threads: int, folder: Path, name: str, tunables: str | None,
+  def __init__(self, preset: str, batch: int, threads: int, folder: Path, name: str, malloc: dict[str, str],
                lpips: bool):
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
+    env = {k: v for k, v in os.environ.items() if k not in xla.MALLOC_VARIABLES}
+    env.update(malloc)
     command = [sys.executable, str(ROOT / "benchmarks" / "torch_reference.py"), "--config", preset, "--batch",
                str(batch), "--threads", str(threads), "--out", str(folder), *([] if lpips else ["--no-lpips"])]
     self.name, self.folder = name, folder
@@ -342,7 +342,7 @@ def main() -> None:
   parser.add_argument("--curve-batch", type=int, default=4)
   parser.add_argument("--chunk-size", type=int, default=32, help="chunked generation (32 measured best here)")
   parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES),
-                      help="the PyTorch processes: as it ships (stock), with our malloc setting (huge_pages)")
+                      help="the PyTorch processes: as it ships (stock), with our malloc (our_malloc)")
   args = parser.parse_args()
   threads = os.cpu_count()  # XLA's CPU backend uses every core; PyTorch gets as many threads
 
@@ -375,5 +375,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  xla.restart_with_huge_page_malloc()  # as train.py; the PyTorch processes inherit it
+  xla.restart_with_fast_malloc()  # as train.py (the PyTorch processes choose theirs: REFERENCES)
   main()

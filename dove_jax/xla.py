@@ -8,6 +8,7 @@ backends compile with their defaults.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -17,7 +18,11 @@ import jax
 from jax import monitoring
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: XLA's own CPU kernels
-HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"  # glibc: transparent huge pages for its large blocks
+MIMALLOC_LIBRARY = "cmeel.prefix/lib/libmimalloc.so"  # in the cmeel-mimalloc wheel
+MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1",  # never return freed memory: the next call reuses it
+                    "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}  # transparent huge pages for its arenas
+MALLOC_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", *MIMALLOC_OPTIONS)  # any one set by the user: no restart
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -76,22 +81,47 @@ def transparent_huge_pages_on() -> bool:
   return TRANSPARENT_HUGE_PAGES.exists() and "[never]" not in TRANSPARENT_HUGE_PAGES.read_text()
 
 
-def restart_with_huge_page_malloc() -> None:
-  """Re-executes this process (same interpreter, same arguments) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-  once; train.py, eval.py and the benchmarks call it first thing.
+def mimalloc_library() -> Path | None:
+  """libmimalloc.so from the cmeel-mimalloc wheel (a requirement on Linux), or None where it is missing."""
+  try:
+    library = Path(importlib.metadata.distribution("cmeel-mimalloc").locate_file(MIMALLOC_LIBRARY))
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return library if library.exists() else None
+
+
+def fast_malloc_environment() -> dict[str, str]:
+  """The environment variables of the malloc that DOVE's CPU programs run best under (see
+  `restart_with_fast_malloc`): mimalloc preloaded and keeping what is freed; without its wheel, glibc's
+  huge-page tunable; {} where neither applies (not Linux, no glibc or transparent huge pages for the tunable)."""
+  if platform.system() != "Linux":
+    return {}
+  library = mimalloc_library()
+  if library is not None:
+    return {"LD_PRELOAD": str(library), **MIMALLOC_OPTIONS}
+  if platform.libc_ver()[0] == "glibc" and transparent_huge_pages_on():
+    return {"GLIBC_TUNABLES": HUGE_PAGE_MALLOC}
+  return {}
+
+
+def restart_with_fast_malloc() -> None:
+  """Re-executes this process (same interpreter, same arguments) once, with `fast_malloc_environment()`;
+  train.py, eval.py and the benchmarks call it first thing.
 
   XLA's CPU runtime allocates each call's temporaries afresh, as one block (200 MB for the tiny train step,
-  about 3 GB at paper size). glibc maps a block that large on malloc and unmaps it on free, so every call
-  faults in each of its 4 KiB pages again: 51,000 faults per tiny step, a quarter of its CPU time spent in
-  the kernel; 850,000 per paper step. With this tunable (glibc >= 2.35) glibc asks for transparent huge
-  pages for such blocks, so there is one fault per 2 MiB: the tiny step drops from 0.27 to 0.19 s, the paper
-  step from 10.3 to 8.5 s (docs/performance.md). glibc reads its tunables only at process start, hence the
-  restart. It does nothing when GLIBC_TUNABLES is set already (the user's settings win), without glibc, or
-  where the kernel's transparent huge pages are off.
+  3.3 GB at paper size), and Eigen's convolutions allocate packing buffers of 35-150 MB per call (7.8 GB per
+  paper step). glibc maps blocks that large on malloc and unmaps them on free, so every call faults each
+  4 KiB page in again and the kernel zeroes it: 51,000 faults per tiny step, 850,000 per paper step, a third
+  of the paper step's time in the kernel. mimalloc, told never to return freed memory, hands the next call
+  the same pages: the paper step drops from 11.7-12.6 s (glibc with huge pages) to 9.8-10.3 s
+  (docs/performance.md). Without its wheel, glibc's `hugetlb=1` tunable (glibc >= 2.35) at least faults once
+  per 2 MiB. A dynamic loader and glibc read these variables only at process start, hence the restart. It
+  does nothing when the user set any of them already (their settings win) or where none applies.
   """
-  if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc" or not transparent_huge_pages_on():
+  environment = fast_malloc_environment()
+  if not environment or any(name in os.environ for name in MALLOC_VARIABLES):
     return
-  os.environ["GLIBC_TUNABLES"] = HUGE_PAGE_MALLOC
+  os.environ.update(environment)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -74,7 +74,7 @@ def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
 MALLOC_SCRIPT = """
 import json, os, resource, sys
 from dove_jax import xla
-xla.restart_with_huge_page_malloc()
+xla.restart_with_fast_malloc()
 import jax, jax.numpy as jnp, numpy as np
 # The product is a 64 MiB temporary of the compiled program, allocated afresh on every call.
 column_sums = xla.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b), axis=0))
@@ -82,14 +82,16 @@ a, b = np.ones((2048, 64), np.float32), np.ones((64, 8192), np.float32)
 column_sums(a, b).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 column_sums(a, b).block_until_ready()
-print(json.dumps([os.environ.get("GLIBC_TUNABLES"), sys.argv[1:],
-                  resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+mimalloc_loaded = "libmimalloc" in open("/proc/self/maps").read()
+print(json.dumps([{name: os.environ[name] for name in xla.MALLOC_VARIABLES if name in os.environ}, sys.argv[1:],
+                  mimalloc_loaded, faults]))
 """
 
 
-@pytest.mark.skipif(not xla.transparent_huge_pages_on(), reason="transparent huge pages are off in this kernel")
-def test_the_restart_with_huge_page_malloc_stops_the_page_faults_of_each_call():
-  env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+@pytest.mark.skipif(not xla.fast_malloc_environment(), reason="no faster malloc applies here")
+def test_the_restart_with_fast_malloc_stops_the_page_faults_of_each_call():
+  env = {name: value for name, value in os.environ.items() if name not in xla.MALLOC_VARIABLES}
 
   def run(**extra_env):
     result = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT, "--flag", "value"], capture_output=True,
@@ -98,10 +100,24 @@ def test_the_restart_with_huge_page_malloc_stops_the_page_faults_of_each_call():
     return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
   restarted = run()
-  assert restarted[:2] == (xla.HUGE_PAGE_MALLOC, ["--flag", "value"])  # same arguments after the restart
-  # Tunables the user set win: no restart, and then each call faults in the product's 16384 pages of 4 KiB.
+  # Same arguments after the restart, under the malloc chosen (mimalloc, from its wheel in requirements.txt).
+  assert restarted[:3] == (xla.fast_malloc_environment(), ["--flag", "value"], xla.mimalloc_library() is not None)
+  # Settings the user made win: no restart, glibc's malloc, and each call faults in the product's 16384 pages.
   users = run(GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
-  assert users[:2] == ("glibc.malloc.tcache_count=7", ["--flag", "value"])
-  assert users[2] > 16384, users
-  # With huge pages the product faults once per 2 MiB (what is left, ~2000 here, is the rest of the call).
-  assert users[2] - restarted[2] > 0.8 * 16384, (restarted, users)
+  assert users[:3] == ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}, ["--flag", "value"], False)
+  assert users[3] > 16384, users
+  # mimalloc hands the call the pages of the last one (glibc's huge pages: one fault per 2 MiB); what is
+  # left is the rest of the call.
+  assert users[3] - restarted[3] > 0.8 * 16384, (restarted, users)
+
+
+def test_without_mimalloc_glibc_gets_huge_pages(monkeypatch):
+  monkeypatch.setattr(xla, "mimalloc_library", lambda: None)
+  monkeypatch.setattr(xla, "transparent_huge_pages_on", lambda: True)
+  monkeypatch.setattr(xla.platform, "system", lambda: "Linux")
+  monkeypatch.setattr(xla.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  assert xla.fast_malloc_environment() == {"GLIBC_TUNABLES": xla.HUGE_PAGE_MALLOC}
+  monkeypatch.setattr(xla, "transparent_huge_pages_on", lambda: False)
+  assert xla.fast_malloc_environment() == {}
+  monkeypatch.setattr(xla.platform, "system", lambda: "Darwin")
+  assert xla.fast_malloc_environment() == {}
