@@ -117,14 +117,17 @@ def restart_with_fast_malloc() -> None:
   paper step). glibc maps blocks that large on malloc and unmaps them on free, so every call faults each
   4 KiB page in again and the kernel zeroes it: 51,000 faults per tiny step, 850,000 per paper step, a third
   of the paper step's time in the kernel. mimalloc, told never to return freed memory and to keep even
-  blocks of gigabytes in its arenas, hands the next call the same pages: no faults, and the paper step drops
-  from 10.9 s (mimalloc's defaults otherwise: 1,700 faults of 2 MiB per step) or 11.7-12.6 s (glibc with
-  huge pages) to 9.1 s (docs/performance.md). Without its wheel, glibc's `hugetlb=1` tunable (glibc >= 2.35) at least faults once
-  per 2 MiB. A dynamic loader and glibc read these variables only at process start, hence the restart. It
-  does nothing when the user set any of them already (their settings win) or where none applies.
+  blocks of gigabytes in its arenas, hands the next call the same pages: no faults, and the paper step
+  (with LPIPS) takes 9.1 s, against 10.9 s with mimalloc's default arenas (1,700 faults of 2 MiB per step)
+  and 11.7-12.6 s with glibc's huge pages even without LPIPS (docs/performance.md). Without its wheel,
+  glibc's `hugetlb=1` tunable (glibc >= 2.35) at least faults once per 2 MiB. A dynamic loader and glibc
+  read these variables only at process start, hence the restart. It does nothing when the user set any of
+  them already (their settings win) or where none applies.
   """
+  if any(name in os.environ for name in MALLOC_VARIABLES):  # the user's, or ours after the restart
+    return
   environment = fast_malloc_environment()
-  if not environment or any(name in os.environ for name in MALLOC_VARIABLES):
+  if not environment:
     return
   os.environ.update(environment)
   sys.stdout.flush()
