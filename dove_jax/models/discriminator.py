@@ -6,6 +6,8 @@ import math
 import jax
 from flax import nnx
 
+from dove_jax.models.norms import GroupNorm
+
 # taming's weights_init: conv kernels drawn from N(0, 0.02).
 _CONV_INIT = nnx.initializers.normal(0.02)
 
@@ -36,7 +38,7 @@ class PatchDiscriminator(nnx.Module):
     strides = [2] * (num_layers - 1) + [1]
     self.convs = nnx.List([conv4x4(cin, cout, stride=s, use_bias=False, rngs=rngs)
                            for cin, cout, s in zip(widths[:-1], widths[1:], strides)])
-    self.norms = nnx.List([nnx.GroupNorm(cout, num_groups=math.gcd(32, cout), rngs=rngs)
+    self.norms = nnx.List([GroupNorm(cout, num_groups=math.gcd(32, cout), rngs=rngs)
                            for cout in widths[1:]])
     self.conv_out = conv4x4(widths[-1], 1, stride=1, use_bias=True, rngs=rngs)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dove_jax.models import remat as remat_lib
+from dove_jax.models.norms import LayerNorm
 
 PYTHIA_14M = dict(num_layers=6, d_model=128, num_heads=4, mlp_dim=512)
 PYTHIA_70M = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
@@ -45,10 +46,14 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
 
 
-def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> LayerNorm:
   """A float32 LayerNorm whatever the compute dtype (bf16 would round away small residual updates), with
   PyTorch's two-pass variance rather than Flax's E[x^2] - E[x]^2 shortcut."""
-  return nnx.LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
+  return LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
+
+
+CAUSAL_BLOCKS = 4  # query blocks of a causal self-attention (see dot_product_attention)
+MIN_CAUSAL_BLOCK = 32  # shorter blocks cost more in per-op overhead than they save
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
@@ -58,13 +63,36 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   first so both products are plain batched matmuls, and the softmax is normalised after the product with v,
   dividing [B, N, T, H] rather than [B, N, T, L]. Logits and the softmax are float32 whatever the dtype; a
   query that sees no key gets a finite (uniform) output, not NaN.
+
+  Causal self-attention (is_causal, T = L) runs in CAUSAL_BLOCKS blocks of queries, each against the keys
+  up to its last query only: about 5/8 of the logits of the whole [T, L] square (none of which the mask
+  would keep), each block's small enough to stay in cache. Tiny generator's attention ([8, 320, 4, 16]):
+  forward 8.0 -> 6.2 ms, value and gradient 16.4 -> 11.6 ms; paper ([1, 512, 8, 64]) 6.3 -> 4.6 and 19.2 ->
+  13.7 ms.
   """
+  length = q.shape[1]
+  block = -(-length // CAUSAL_BLOCKS)
+  if not is_causal or k.shape[1] != length or block < MIN_CAUSAL_BLOCK:
+    if is_causal:
+      seen = causal_mask(length, k.shape[1], 0)  # [T, L]
+      mask = seen if mask is None else mask & seen
+    return _attention(q, k, v, mask)
+  outputs = []
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    seen = causal_mask(stop - start, stop, start)  # [T_block, stop]
+    if mask is not None:  # its rows (if it has them) and keys of this block
+      rows = slice(start, stop) if mask.shape[-2] > 1 else slice(None)
+      seen = mask[..., rows, :stop] & seen
+    outputs.append(_attention(q[:, start:stop], k[:, :stop], v[:, :stop], seen))
+  return jnp.concatenate(outputs, axis=1)  # [B, T, N, H]
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """dot_product_attention, a given mask only (q [B, T, N, H], k and v [B, L, N, H]) -> [B, T, N, H]."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))  # [B, N, T or L, H]
   logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)  # [B, N, T, L]
-  if is_causal:
-    seen = causal_mask(q.shape[2], k.shape[2], 0)  # [T, L]
-    mask = seen if mask is None else mask & seen
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   # The max only keeps exp in range and cancels in the normalisation: no gradient through it, which spares

@@ -11,6 +11,7 @@ from flax import nnx
 
 from dove_jax.models import remat as remat_lib
 from dove_jax.models.conv import Conv, conv2d
+from dove_jax.models.norms import GroupNorm
 from dove_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
 # The aMUSEd / open-MUSE VQ-GAN (about 146M parameters): 16x downsampling, 8192 codes of width 64.
@@ -18,10 +19,10 @@ AMUSED_VQGAN = dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_blo
                     num_vq_embeddings=8192, vq_embed_dim=64, norm_num_groups=32, mid_block_attention=False)
 
 
-def group_norm(channels: int, *, num_groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def group_norm(channels: int, *, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
   """diffusers' GroupNorm. Two-pass variance, as torch computes it: the one-pass E[x^2]-E[x]^2 loses
   digits on activations with large means and breaks 1e-4 parity with converted checkpoints."""
-  return nnx.GroupNorm(channels, num_groups=num_groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
+  return GroupNorm(channels, num_groups=num_groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
 
 
 def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
