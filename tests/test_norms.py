@@ -25,6 +25,18 @@ def _randomize(norm, seed=1):
   return norm
 
 
+def _assert_same_gradients(ours, flax, x):
+  """Gradients of a loss through `ours` and through `flax` (two norms with the same parameters) agree."""
+  def loss(model, x):
+    return jnp.sum(jnp.sin(model(x)) * jnp.linspace(0, 1, x.shape[-1]))
+
+  (ours_grads, ours_dx), (flax_grads, flax_dx) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax))
+  np.testing.assert_allclose(ours_dx, flax_dx, atol=1e-5)
+  for name in ("scale", "bias"):  # sums over the whole batch: float32 rounding of the order they add in
+    expected = flax_grads[name][...]
+    np.testing.assert_allclose(ours_grads[name][...], expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
 @pytest.mark.parametrize("size", [7, 32, 33, 64, 900, 4096, 4099])
 def test_fused_sum_sums(size):
   x = _inputs((3, size, 5))
@@ -46,15 +58,7 @@ def test_group_norm_matches_flax_and_torch(shape, groups):
   channels_first = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
   expected = np.moveaxis(theirs(channels_first).detach().numpy(), 1, -1)
   np.testing.assert_allclose(ours(x), expected, atol=2e-5)
-
-  def loss(model, x):
-    return jnp.sum(jnp.sin(model(x)) * jnp.linspace(0, 1, channels))
-
-  (ours_grads, ours_dx), (flax_grads, flax_dx) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax))
-  np.testing.assert_allclose(ours_dx, flax_dx, atol=1e-5)
-  for name in ("scale", "bias"):  # sums over the whole batch: float32 rounding of the order they add in
-    expected = flax_grads[name][...]
-    np.testing.assert_allclose(ours_grads[name][...], expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+  _assert_same_gradients(ours, flax, x)
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 128), (3, 20), (1, 5, 512), (2, 3, 48)])
@@ -66,15 +70,7 @@ def test_layer_norm_matches_flax(shape):
   x = _inputs(shape)
   np.testing.assert_allclose(ours(x), flax(x), atol=2e-5)
   assert ours(x.astype(jnp.bfloat16)).dtype == jnp.float32  # float32 whatever the input
-
-  def loss(model, x):
-    return jnp.sum(jnp.sin(model(x)) * jnp.linspace(0, 1, width))
-
-  (ours_grads, ours_dx), (flax_grads, flax_dx) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax))
-  np.testing.assert_allclose(ours_dx, flax_dx, atol=1e-5)
-  for name in ("scale", "bias"):  # sums over the whole batch: float32 rounding of the order they add in
-    expected = flax_grads[name][...]
-    np.testing.assert_allclose(ours_grads[name][...], expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+  _assert_same_gradients(ours, flax, x)
 
 
 def _full_size_buffers(norm, x) -> int:
