@@ -61,7 +61,7 @@ def test_group_norm_matches_flax_and_torch(shape, groups):
   _assert_same_gradients(ours, flax, x)
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 128), (3, 20), (1, 5, 512), (2, 3, 48)])
+@pytest.mark.parametrize("shape", [(2, 40, 128), (2, 3, 48)])
 def test_layer_norm_matches_flax(shape):
   width = shape[-1]
   ours = _randomize(LayerNorm(width, epsilon=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0)))
