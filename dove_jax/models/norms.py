@@ -45,8 +45,7 @@ class GroupNorm(nnx.GroupNorm):
       means = fused_sum(v, 1).reshape(b, self.num_groups, per_group).sum(-1) / count  # [B, G]
       return jnp.repeat(means, per_group, axis=1)[:, None]
 
-    centered = flat - group_mean(flat)
-    inverse_std = jax.lax.rsqrt(group_mean(centered * centered) + self.epsilon)  # [B, 1, C]
+    centered, inverse_std = _centered(flat, group_mean, self.epsilon)  # [B, P, C], [B, 1, C]
     # The scale joins the small [B, 1, C] factor: its gradient then sums one product over [B, P, C], not two.
     y = _affine(self, centered, inverse_std)
     return y.reshape(x.shape).astype(self.dtype or y.dtype)
@@ -58,12 +57,17 @@ class LayerNorm(nnx.LayerNorm):
   def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
     if mask is not None or self.reduction_axes not in (-1, (-1,)) or self.axis_name is not None:
       raise NotImplementedError("dove_jax LayerNorm: the last axis only, no mask or axis_name")
-    x32 = x.astype(jnp.float32)
     width = x.shape[-1]
-    centered = x32 - fused_sum(x32, -1)[..., None] / width
-    inverse_std = jax.lax.rsqrt(fused_sum(jnp.square(centered), -1)[..., None] / width + self.epsilon)
+    centered, inverse_std = _centered(x.astype(jnp.float32), lambda v: fused_sum(v, -1)[..., None] / width,
+                                      self.epsilon)
     y = _affine(self, centered * inverse_std, 1.0)
     return y.astype(self.dtype or y.dtype)
+
+
+def _centered(x: jax.Array, mean, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """x - mean(x) and 1 / sqrt(mean((x - mean(x))^2) + epsilon): the two-pass variance torch computes."""
+  centered = x - mean(x)
+  return centered, jax.lax.rsqrt(mean(centered * centered) + epsilon)
 
 
 def _affine(norm: nnx.GroupNorm | nnx.LayerNorm, x: jax.Array, factor: jax.Array | float) -> jax.Array:
