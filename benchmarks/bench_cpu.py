@@ -5,6 +5,8 @@
   python benchmarks/bench_cpu.py --paper --paper-train   + the paper config's train step (slower)
   python benchmarks/bench_cpu.py --curve             + encode / decode time against the sequence length
   python benchmarks/bench_cpu.py --no-lpips          train steps without LPIPS on both sides
+  python benchmarks/bench_cpu.py --no-torch --dtype bfloat16   ours alone, transformers in bf16 (a GPU: the
+                                                     PyTorch here is a CPU build, and computes in float32)
 
 The train step is the config's own, LPIPS included (the PyTorch side's is `TorchLPIPS`, on the same weights).
 
@@ -12,6 +14,7 @@ In one run on one machine: the f32 matmul peak, then per config the encode / dec
 time per batch, images/s, compile time, XLA's buffer memory, XLA's FLOP count and the fraction of the
 matmul peak reached; the PyTorch reference on the same weights (benchmarks/torch_reference.py, in processes
 of its own with the same number of threads, timed call by call in turn with ours) and the ratio ours/theirs.
+On an accelerator the peak is also measured in bf16, and the device's peak memory is reported.
 `--curve` times encode at forced lengths 256 ... 16 with the cached chunked generator, beside the one-pass
 generator, and the length-bucketed decoder. Writes a JSON file and prints a table. Times are medians after a warm-up.
 """
@@ -85,13 +88,28 @@ def bench_jax(fn, args, batch: int, repeats: int, peak_gflops: float, phase: str
   return dict(rates(ours, batch, cost["gflop"], peak_gflops), compile_s=compile_s, **cost), theirs, compiled(*args)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """The best of `repeats` f32 [n, n] x [n, n] in GFLOP/s (the best: a peak, not a typical figure), under
-  XLA's default options and the library's, whichever is faster."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_gflops(n: int, dtype, repeats: int) -> float:
+  """The best of `repeats` [n, n] x [n, n] in `dtype`, in GFLOP/s (the best: a peak, not a typical figure),
+  under XLA's default options and the library's, whichever is faster."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   best = min(median_time(lambda: dot(a, a).block_until_ready(), repeats)["best_s"]
              for dot in (jax.jit(jnp.dot), xla.jit(jnp.dot)))
-  return {"n": n, "gflops": 2 * n ** 3 / best / 1e9}
+  return 2 * n ** 3 / best / 1e9
+
+
+def matmul_peak(repeats: int = 5) -> dict:
+  """The f32 matmul peak the %peak figures divide by (n = 2048 on the CPU, 8192 on an accelerator, which a
+  small product leaves idle), and on an accelerator the bf16 peak too."""
+  if jax.default_backend() == "cpu":
+    return {"n": 2048, "gflops": matmul_gflops(2048, jnp.float32, repeats)}
+  return {"n": 8192, "gflops": matmul_gflops(8192, jnp.float32, repeats),
+          "bf16_gflops": matmul_gflops(8192, jnp.bfloat16, repeats)}
+
+
+def device_peak_mib() -> float | None:
+  """The first device's peak memory in use so far (accelerators; None where the backend keeps no count)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2 ** 20 if "peak_bytes_in_use" in stats else None
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
@@ -152,7 +170,7 @@ def compare(ours, phase: str, references: list[TorchReference], repeats: int) ->
   """ours() (blocking) and each reference's `phase`, timed in turn (interleaved_times): (our timing, the
   references' by name)."""
   calls = {"jax": seconds(ours), **{ref.name: functools.partial(ref.seconds, phase) for ref in references}}
-  times = interleaved_times(calls, repeats, settle_s=SETTLE_S, warm_calls=1)
+  times = interleaved_times(calls, repeats, settle_s=SETTLE_S if references else 0.0, warm_calls=1)
   return times["jax"], {ref.name: dict(times[ref.name], max_rss_mib=ref.max_rss_mib) for ref in references}
 
 
@@ -178,11 +196,11 @@ def load_torch_weights(model: DOVE, weights: dict[str, np.ndarray]) -> None:
 
 def bench_forward(config, batch: int, repeats: int, peak: float, references: list[TorchReference]) -> dict:
   """encode and decode under jax.jit over the nnx.split state, at full length (the PyTorch side forces the
-  same), on the PyTorch reference's weights, each timed in turn with the references'. Returns our stats, and
-  theirs under "torch"."""
-  torch_dir = references[0].folder
+  same), on the PyTorch reference's weights (none: our own initialisation), each timed in turn with the
+  references'. Returns our stats, and theirs under "torch"."""
   model = DOVE(**config.model, rngs=nnx.Rngs(0))
-  load_torch_weights(model, dict(np.load(torch_dir / "weights.npz")))
+  if references:
+    load_torch_weights(model, dict(np.load(references[0].folder / "weights.npz")))
   graphdef, state = nnx.split(model)
   images = jnp.asarray(bench_inputs(config.model.image_size, batch))
   budget = jnp.full((batch,), config.model.max_tokens, jnp.int32)
@@ -191,15 +209,17 @@ def bench_forward(config, batch: int, repeats: int, peak: float, references: lis
   encode_stats, torch_encode, tokens = bench_jax(encode, (state, images, budget), batch, repeats, peak, "encode",
                                                  references)
   decode_stats, torch_decode, recon = bench_jax(decode, (state, tokens), batch, repeats, peak, "decode", references)
-  theirs = np.load(torch_dir / "outputs.npz")
+  run = {"batch": batch, "image_size": config.model.image_size, "encode": encode_stats, "decode": decode_stats,
+         "torch": {"encode": torch_encode, "decode": torch_decode}}  # phase -> reference name -> timing
+  if not references:
+    return run
+  theirs = np.load(references[0].folder / "outputs.npz")
   lpips = load_lpips()(images, images[:, :, ::-1])  # the inputs against their mirror images
   diffs = {"tokens": np.abs(np.asarray(tokens.tokens) - theirs["tokens"]).max(),
            "eos_prob": np.abs(np.asarray(tokens.eos_prob) - theirs["eos_prob"]).max(),
            "reconstruction": np.abs(np.asarray(recon) - theirs["reconstruction"]).max(),
            "lpips": np.abs(np.asarray(lpips) - theirs["lpips"]).max()}
-  return {"batch": batch, "image_size": config.model.image_size, "encode": encode_stats, "decode": decode_stats,
-          "max_abs_diff_vs_torch": {k: float(v) for k, v in diffs.items()},
-          "torch": {"encode": torch_encode, "decode": torch_decode}}  # phase -> reference name -> timing
+  return dict(run, max_abs_diff_vs_torch={k: float(v) for k, v in diffs.items()})
 
 
 def bench_train_step(config, batch: int, repeats: int, peak: float,
@@ -280,6 +300,7 @@ def machine(threads: int) -> dict:
               if line.startswith("model name")), platform.processor())
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
           "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind,
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -289,10 +310,12 @@ def fmt(value, spec: str = ".3g") -> str:
 
 def table(results: dict) -> str:
   m, peak = results["machine"], results["matmul_peak"]
-  lines = [f"machine: {m['cpu']} | {m['cpu_count']} CPUs, {m['threads']} threads | jax {m['jax']} | "
-           f"torch {results.get('torch_version', '-')}",
+  lines = [f"machine: {m['cpu']} | {m['cpu_count']} CPUs, {m['threads']} threads | {m.get('device_kind', '-')} | "
+           f"jax {m['jax']} | torch {results.get('torch_version', '-')} | "
+           f"model dtype {results.get('dtype', 'float32')}",
            f"f32 matmul {peak['n']}^2 peak: JAX {peak['gflops']:.1f} GFLOP/s, "
-           f"PyTorch {fmt(peak.get('torch_gflops'), '.1f')} GFLOP/s", ""]
+           f"PyTorch {fmt(peak.get('torch_gflops'), '.1f')} GFLOP/s"
+           + (f"; bf16: JAX {peak['bf16_gflops']:.1f} GFLOP/s" if "bf16_gflops" in peak else ""), ""]
   header = (f"{'config':<6} {'phase':<7} {'impl':<17} {'s/batch':>8} {'best s':>8} {'img/s':>8} {'compile s':>9} "
             f"{'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6} {'mem MiB':>8} {'ours/theirs':>11} {'(best)':>6}")
   lines += [header, "-" * len(header)]
@@ -323,10 +346,13 @@ def table(results: dict) -> str:
       lines.append(f"{row['length']:>6} {row['encode_one_pass_s']:>13.4f} {row['encode_chunked_s']:>14.4f} "
                    f"{row['decode_full_s']:>11.4f} {row['decode_bucketed_s']:>15.4f}")
     lines.append(f"chunked encode at length 64 / at 256: {fmt(curve['encode_64_over_256'], '.2f')}")
+  if "max_rss_mib" in results:
+    lines += ["", f"peak memory: this process {results['max_rss_mib']:.0f} MiB resident, device "
+                  f"{fmt(results.get('device_peak_mib'), '.0f')} MiB (high-water marks of the whole run)"]
   return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="benchmarks/results_cpu.json")
   parser.add_argument("--batch", type=int, default=8, help="tiny-config batch")
@@ -343,22 +369,37 @@ def main() -> None:
   parser.add_argument("--chunk-size", type=int, default=32, help="chunked generation (32 measured best here)")
   parser.add_argument("--references", nargs="+", default=list(REFERENCES), choices=list(REFERENCES),
                       help="the PyTorch processes: as it ships (stock), with our malloc (our_malloc)")
-  args = parser.parse_args()
+  parser.add_argument("--no-torch", action="store_true", help="ours alone, no PyTorch reference")
+  parser.add_argument("--dtype", default="", choices=["", "bfloat16"],
+                      help="the transformers' compute dtype (config model.dtype; needs --no-torch)")
+  args = parser.parse_args(argv)
+  if args.dtype and not args.no_torch:
+    parser.error(f"--dtype {args.dtype} needs --no-torch: the PyTorch reference computes in float32, so the "
+                 "two sides would not compute the same function")
+  return args
+
+
+def main() -> None:
+  args = parse_args()
   threads = os.cpu_count()  # XLA's CPU backend uses every core; PyTorch gets as many threads
+  reference_names = [] if args.no_torch else args.references
 
   runs = {"tiny": (get_config("tiny"), args.batch, args.repeats, not args.no_train)}
   if args.paper:
     runs["paper"] = (get_config(), args.paper_batch, args.paper_repeats, args.paper_train)
-  results = {"configs": {}, "machine": machine(threads), "matmul_peak": matmul_peak()}
+  results = {"configs": {}, "machine": machine(threads), "matmul_peak": matmul_peak(),
+             "dtype": args.dtype or "float32"}
   peak = results["matmul_peak"]["gflops"]
   for name, (config, batch, repeats, train) in runs.items():
+    config.model.dtype = args.dtype
     if args.no_lpips:
       config.loss.lpips_weight = 0.0
     with tempfile.TemporaryDirectory() as tmp, \
-        torch_references(name, batch, threads, Path(tmp), args.references, not args.no_lpips) as references:
-      results["torch_version"] = references[0].info["torch"]
-      results["matmul_peak"]["torch_gflops"] = max([results["matmul_peak"].get("torch_gflops", 0.0)]
-                                                   + [ref.info["matmul_gflops"] for ref in references])
+        torch_references(name, batch, threads, Path(tmp), reference_names, not args.no_lpips) as references:
+      if references:
+        results["torch_version"] = references[0].info["torch"]
+        results["matmul_peak"]["torch_gflops"] = max([results["matmul_peak"].get("torch_gflops", 0.0)]
+                                                     + [ref.info["matmul_gflops"] for ref in references])
       run = bench_forward(config, batch, repeats, peak, references)
       if train:
         run["train_step"], run["torch"]["train_step"] = bench_train_step(config, batch, repeats, peak, references)
@@ -366,6 +407,7 @@ def main() -> None:
   if args.curve:
     results["length_curve"] = bench_length_curve(args.curve_batch, 3, args.chunk_size, (256, 192, 128, 64, 32, 16))
   results["max_rss_mib"] = max_rss_mib()
+  results["device_peak_mib"] = device_peak_mib()
 
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
