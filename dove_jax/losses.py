@@ -55,7 +55,8 @@ def eos_length_loss(eos_prob: jax.Array, lengths: jax.Array, rec_loss: jax.Array
 
 
 def threshold_buffer(size: int = 100) -> dict[str, jax.Array]:
-  """The dynamic EOS threshold's state: the mean batch L_rec of the last `size` steps, in a ring buffer.
+  """The dynamic EOS threshold's state: the mean L_rec of the images trained at their own length, over the
+  last `size` steps that had any, in a ring buffer.
 
   A plain dict of arrays, so it lives in the train state and goes into checkpoints as it is.
   values: [size] float32; count: [] int32, the number of steps recorded so far.
@@ -63,11 +64,22 @@ def threshold_buffer(size: int = 100) -> dict[str, jax.Array]:
   return dict(values=jnp.zeros((size,), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
-def threshold_update(buffer: dict[str, jax.Array], batch_rec_loss: jax.Array) -> dict[str, jax.Array]:
-  """Records one step's mean L_rec ([]) at slot count % size, overwriting the oldest once full."""
+def threshold_update(buffer: dict[str, jax.Array], rec_loss: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Records one step's weighted mean of the per-image L_rec ([B], weights [B]) at slot count % size,
+  overwriting the oldest once full; a step whose weights are all 0 records nothing.
+
+  The weights pick the images L_eos compares with the threshold (those at their own length): an image
+  trained at a random forced length has on average half the tokens and a larger L_rec, which would inflate
+  the threshold. Weighted-out images add nothing, even an inf or NaN loss; the no-op is a select, so the
+  shapes stay static under jit.
+  """
   values, count = buffer["values"], buffer["count"]
-  value = jax.lax.stop_gradient(batch_rec_loss).astype(values.dtype)
-  return dict(values=values.at[count % values.shape[0]].set(value), count=count + 1)
+  rec_loss, weights = jax.lax.stop_gradient(rec_loss), jax.lax.stop_gradient(weights)
+  total = jnp.sum(weights)
+  value = jnp.sum(jnp.where(weights > 0, rec_loss * weights, 0.0)) / jnp.where(total > 0, total, 1.0)
+  recorded = total > 0
+  values = jnp.where(recorded, values.at[count % values.shape[0]].set(value.astype(values.dtype)), values)
+  return dict(values=values, count=count + recorded.astype(count.dtype))
 
 
 def threshold_value(buffer: dict[str, jax.Array]) -> jax.Array:

@@ -112,7 +112,7 @@ def test_threshold_is_the_mean_of_the_last_100_steps_read_before_each_update_und
   def run(buffer, batch_losses):
     def step(buffer, value):
       threshold = losses.threshold_value(buffer)  # before this step's value is recorded
-      return losses.threshold_update(buffer, value), threshold
+      return losses.threshold_update(buffer, value[None], jnp.ones(1)), threshold
     return jax.lax.scan(step, buffer, batch_losses)
 
   buffer, thresholds = run(losses.threshold_buffer(), batch_losses)
@@ -125,6 +125,27 @@ def test_threshold_is_the_mean_of_the_last_100_steps_read_before_each_update_und
   slots = np.arange(100)
   np.testing.assert_array_equal(buffer["values"], np.where(slots < 50, 200 + slots, 100 + slots))
   assert losses.threshold_value(buffer) == np.float32(np.arange(150, 250).mean())
+
+
+def test_threshold_records_the_mean_l_rec_of_own_length_images_only():
+  # Images 1 and 3 trained at a forced length (weight 0): however large their loss, even inf or NaN, the
+  # recorded value is the mean of images 0 and 2.
+  rec = jnp.array([0.25, 1e30, 0.75, jnp.nan, jnp.inf])
+  own = jnp.array([1.0, 0.0, 1.0, 0.0, 0.0])
+  buffer = jax.jit(losses.threshold_update)(losses.threshold_buffer(4), rec, own)
+  np.testing.assert_array_equal(buffer["values"], [0.5, 0, 0, 0])
+  assert buffer["count"] == 1 and losses.threshold_value(buffer) == 0.5
+
+
+def test_a_step_without_own_length_images_leaves_the_threshold_as_it_was():
+  update = jax.jit(losses.threshold_update)
+  before = update(update(losses.threshold_buffer(4), jnp.array([1.0]), jnp.ones(1)), jnp.array([3.0]), jnp.ones(1))
+  after = update(before, jnp.array([100.0, 200.0]), jnp.zeros(2))  # every image forced
+  np.testing.assert_array_equal(after["values"], before["values"])
+  assert after["count"] == before["count"] == 2
+  assert losses.threshold_value(after) == 2.0
+  empty = update(losses.threshold_buffer(4), jnp.array([100.0, 200.0]), jnp.zeros(2))
+  assert empty["count"] == 0 and losses.threshold_value(empty) == -jnp.inf  # still no history
 
 
 # --- lambda_eos --------------------------------------------------------------------------------------------

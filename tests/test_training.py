@@ -169,6 +169,26 @@ def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir, monkeypat
     assert name in result.stderr, f"{name} not logged"
 
 
+def test_a_batch_trained_only_at_forced_lengths_records_no_threshold():
+  """random_length_fraction = 1: no image is at its own length, so the train step's update of the threshold
+  buffer records nothing; at 0 every valid image counts."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from dove_jax import losses
+  from dove_jax.training.step import own_length_weights, sample_budgets
+  valid = jnp.array([1.0, 1.0, 1.0, 0.0])
+  rec = jnp.array([0.5, 1.5, 2.5, 100.0])
+  buffer = losses.threshold_buffer(8)
+  forced = own_length_weights(sample_budgets(jax.random.key(0), 4, 16, 1.0), valid)
+  np.testing.assert_array_equal(forced, 0)
+  assert losses.threshold_update(buffer, rec, forced)["count"] == 0
+  own = own_length_weights(sample_budgets(jax.random.key(0), 4, 16, 0.0), valid)
+  np.testing.assert_array_equal(own, valid)
+  recorded = losses.threshold_update(buffer, rec, own)
+  assert recorded["count"] == 1 and recorded["values"][0] == 1.5
+
+
 def test_optimizer_groups_frozen_sgd_and_adamw():
   """Frozen parts do not move; the SGD part moves in proportion to its (tiny) gradient; AdamW parts move by
   about the learning rate whatever the gradient's scale."""

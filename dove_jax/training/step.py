@@ -3,7 +3,8 @@
 Per image: L_rec = mse_w * MSE + lpips_w * LPIPS + gan_w * GAN, L_eos from the dynamic threshold, and
 L = rec_w * L_rec + lambda_eos(step) * L_eos, averaged over the valid images of the batch (a corrupt input
 file arrives with valid=False and weight 0). A fraction of the images is reconstructed at a random forced
-length so that every budget learns to reconstruct; the EOS loss only sees the images at their own length.
+length so that every budget learns to reconstruct; the EOS loss and its threshold only see the images at
+their own length.
 
 Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
 judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
@@ -31,6 +32,13 @@ def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float)
   return jnp.where(forced, jax.random.randint(length, (batch,), 1, max_tokens + 1), 0).astype(jnp.int32)
 
 
+def own_length_weights(budget: jax.Array, valid: jax.Array) -> jax.Array:
+  """[B] int32 budgets and [B] float32 validity -> [B] float32: 1 for the valid images reconstructed at their
+  own (predicted) length, the only ones L_eos and the threshold may judge: a forced length is not the
+  model's choice."""
+  return (budget == 0).astype(jnp.float32) * valid
+
+
 def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, learning_rate: optax.Schedule):
   """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
@@ -49,7 +57,7 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     valid = batch["valid"].astype(jnp.float32)  # [B]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction)
-    own_length = (budget == 0).astype(jnp.float32) * valid  # the images the EOS loss applies to
+    own_length = own_length_weights(budget, valid)  # [B]
     threshold = losses.threshold_value(state.eos_threshold)
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
     discriminator = nnx.merge(disc_def, state.disc_params)
@@ -85,9 +93,10 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
       logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
                     eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos)
-      return total, (logged, recon, predicted)
+      return total, (logged, recon, predicted, terms["rec"])
 
-    (_, (terms, recon, predicted)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # rec: [B] the L_rec each image's L_eos compared with the threshold.
+    (_, (terms, recon, predicted, rec)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -115,7 +124,7 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
         disc_opt_state=disc_opt_state,
-        eos_threshold=losses.threshold_update(state.eos_threshold, terms["rec"]))
+        eos_threshold=losses.threshold_update(state.eos_threshold, rec, own_length))
     return new_state, metrics
 
   return train_step
