@@ -169,6 +169,25 @@ def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir, monkeypat
     assert name in result.stderr, f"{name} not logged"
 
 
+def test_eos_term_is_a_mean_over_the_images_at_their_own_length():
+  """Forcing a length on some images leaves lambda_eos's weight on the others as it was."""
+  import jax.numpy as jnp
+  import numpy as np
+  from dove_jax.training.step import batch_loss
+
+  def loss(objective, l_eos, valid, own):
+    return float(batch_loss(*map(jnp.array, (objective, l_eos, valid, own)), rec_weight=2.0, lambda_eos=0.1))
+
+  own_only = loss([1.0, 3.0], [-0.5, -0.1], [1.0, 1.0], [1.0, 1.0])
+  # Images 1 and 3 forced (their L_eos is not applied), image 4 invalid (a corrupt file).
+  half_forced = loss([1.0, 5.0, 3.0, 7.0, 9.0], [-0.5, 9.0, -0.1, 9.0, 9.0], [1.0, 1.0, 1.0, 1.0, 0.0],
+                     [1.0, 0.0, 1.0, 0.0, 0.0])
+  np.testing.assert_allclose(own_only, 2.0 * 2.0 + 0.1 * -0.3, rtol=1e-6)
+  np.testing.assert_allclose(half_forced, 2.0 * 4.0 + 0.1 * -0.3, rtol=1e-6)  # the same EOS term
+  all_forced = loss([1.0, 3.0], [9.0, 9.0], [1.0, 1.0], [0.0, 0.0])
+  np.testing.assert_allclose(all_forced, 2.0 * 2.0, rtol=1e-6)
+
+
 def test_a_batch_trained_only_at_forced_lengths_records_no_threshold():
   """random_length_fraction = 1: no image is at its own length, so the train step's update of the threshold
   buffer records nothing; at 0 every valid image counts."""

@@ -1,10 +1,10 @@
 """The train step: one pure function of (state, batch) under jax.jit, with the state donated.
 
 Per image: L_rec = mse_w * MSE + lpips_w * LPIPS + gan_w * GAN, L_eos from the dynamic threshold, and
-L = rec_w * L_rec + lambda_eos(step) * L_eos, averaged over the valid images of the batch (a corrupt input
-file arrives with valid=False and weight 0). A fraction of the images is reconstructed at a random forced
-length so that every budget learns to reconstruct; the EOS loss and its threshold only see the images at
-their own length.
+L = rec_w * L_rec + lambda_eos(step) * L_eos, L_rec averaged over the valid images of the batch (a corrupt
+input file arrives with valid=False and weight 0). A fraction of the images is reconstructed at a random
+forced length so that every budget learns to reconstruct; the EOS loss, its average and the threshold only
+see the images at their own length.
 
 Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
 judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
@@ -23,6 +23,17 @@ from dove_jax.training.state import TrainState
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def batch_loss(objective: jax.Array, l_eos: jax.Array, valid: jax.Array, own_length: jax.Array, *,
+               rec_weight: float, lambda_eos: jax.Array) -> jax.Array:
+  """[B] x4 -> []: rec_weight * the mean objective over the valid images + lambda_eos * the mean L_eos over
+  the images at their own length.
+
+  Each term is a mean over the images it applies to: dividing L_eos by every valid image would scale lambda_eos
+  by the own-length fraction (halve it at random_length_fraction = 0.5).
+  """
+  return rec_weight * weighted_mean(objective, valid) + lambda_eos * weighted_mean(l_eos, own_length)
 
 
 def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float) -> jax.Array:
@@ -86,8 +97,7 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       # The EOS loss and its threshold see L_rec of the relevant region only (the whole image for DOVE).
       l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, terms["rec"], threshold)
       lambda_eos = eos_weight(state.step)
-      total = (loss_cfg.rec_weight * weighted_mean(objective, valid)
-               + lambda_eos * jnp.sum(l_eos * own_length) / jnp.maximum(jnp.sum(valid), 1.0))
+      total = batch_loss(objective, l_eos, valid, own_length, rec_weight=loss_cfg.rec_weight, lambda_eos=lambda_eos)
       vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
       total = total + loss_cfg.vq_weight * vq_loss
       _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
