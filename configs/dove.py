@@ -40,6 +40,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.init.pythia = ""  # a Hugging Face GPT-NeoX folder (Pythia-70M for the paper model)
   config.init.weights = ""  # or a whole-model .safetensors from `python -m dove_jax.convert`
   config.init.checkpoint = ""  # or a training run's workdir: its latest parameters (applied last)
+  config.init.from_scratch = False  # True: none of the above on purpose (training refuses to start otherwise)
 
   # Input. source: "builtin" (generated locally), "tfds" (a data set prepared under data_dir) or "folder".
   config.data = ml_collections.ConfigDict()
@@ -112,6 +113,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.model.generator = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.decoder = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.max_tokens = 64
+    # From random weights on purpose, until the preset points init.weights at shipped stage-1 weights.
+    config.init.from_scratch = True
     config.data.source = "builtin"
     config.data.name = "dove_shapes"
     config.data.data_dir = "data"

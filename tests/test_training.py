@@ -83,6 +83,33 @@ def test_config_typo_fails_before_any_compute(tmp_path):
   assert time.perf_counter() - start < 120
 
 
+INIT_MESSAGE = ("configs/dove.py trains from pretrained weights and config.init names none: set "
+                "--config.init.vqgan=... and --config.init.pythia=... (or --config.init.weights / "
+                "--config.init.checkpoint), or --config.init.from_scratch=True to train from random weights")
+
+
+def test_the_paper_config_without_weights_fails_before_any_compute(tmp_path):
+  from configs import dove
+  from dove_jax.training.loop import train_and_evaluate
+  with pytest.raises(ValueError, match=re.escape(INIT_MESSAGE)):
+    train_and_evaluate(dove.get_config(""), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_named_weights_or_from_scratch_pass_the_init_check():
+  from configs import dove, qdove
+  from dove_jax.training.loop import check_config
+  with pytest.raises(ValueError, match=re.escape(INIT_MESSAGE)):
+    check_config(dove.get_config(""))
+  for field, value in [("from_scratch", True), ("vqgan", "amused-vqvae"), ("pythia", "pythia-70m"),
+                       ("weights", "dove.safetensors"), ("checkpoint", "runs/dove")]:
+    config = dove.get_config("")
+    config.init[field] = value
+    check_config(config)
+  check_config(dove.get_config("tiny"))  # the tiny presets train from random weights on purpose
+  check_config(qdove.get_config("tiny"))
+
+
 @pytest.fixture(scope="module")
 def data_dir(builtin_data_dir):
   return builtin_data_dir

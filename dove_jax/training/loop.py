@@ -52,8 +52,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source = {config.data.source!r} needs config.data.folder")
   if config.data.prefetch < 0:
     raise ValueError(f"config.data.prefetch = {config.data.prefetch}; expected a number of batches >= 0")
+  check_init(config.init)
   if "query" in config:
     check_query_config(config)
+
+
+def check_init(init: ml_collections.ConfigDict) -> None:
+  """The paper's 146M VQ-GAN and both transformers start from pretrained weights: a run that names none
+  would train them from random weights for days before anyone saw it, so that takes init.from_scratch."""
+  if not (init.vqgan or init.pythia or init.weights or init.checkpoint or init.from_scratch):
+    raise ValueError("configs/dove.py trains from pretrained weights and config.init names none: set "
+                     "--config.init.vqgan=... and --config.init.pythia=... (or --config.init.weights / "
+                     "--config.init.checkpoint), or --config.init.from_scratch=True to train from random weights")
 
 
 def check_query_config(config: ml_collections.ConfigDict) -> None:
