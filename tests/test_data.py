@@ -262,6 +262,20 @@ def test_random_crop_and_flip_vary_per_example_and_epoch():
   assert len({row.tobytes() for row in centre["image"][:, 0, :, 0]}) == 1
 
 
+def test_flip_mirrors_the_boxes_and_swaps_left_and_right_in_the_texts():
+  image = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
+  boxes = np.array([[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]], np.float32)
+  texts = ["the left dog", "Right of the leftover cake, LEFT", "a red square"]
+  example = {"image": image, "boxes": boxes, "descriptions": texts}
+  flipped = pipeline.flip(example)
+  np.testing.assert_array_equal(flipped["image"], image[:, ::-1])
+  np.testing.assert_allclose(flipped["boxes"], [[0.0, 0.75, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5]])
+  assert flipped["descriptions"] == ["the right dog", "Left of the leftover cake, RIGHT", "a red square"]
+  assert pipeline.flip(flipped)["descriptions"] == texts  # a second flip restores them
+  assert example["descriptions"] is texts and texts[0] == "the left dog"  # the input is left as it was
+  assert pipeline.mirror_text(b"left-hand side, right?") == b"right-hand side, left?"
+
+
 def test_eval_covers_every_example_once_with_padding_marked(shapes):
   _, validation = shapes
   batches = list(pipeline.make_dataset(validation, image_size=64, global_batch_size=48, seed=0, train=False))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import re
 
 import grain
 import jax
@@ -102,11 +103,31 @@ def crop(example: dict, size: int, top: int, left: int) -> dict:
   return cropped
 
 
+SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _other_side(match: re.Match) -> str:
+  word = match.group()
+  other = "right" if word.lower() == "left" else "left"
+  return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+
+def mirror_text(text: str | bytes) -> str | bytes:
+  """A text about an image -> the same text about the mirrored image: the whole words "left" and "right"
+  swapped, case kept ("the Left dog" -> "the Right dog"; "leftover" stays). bytes stay bytes (UTF-8)."""
+  if isinstance(text, bytes):
+    return mirror_text(text.decode("utf-8")).encode("utf-8")
+  return SIDES.sub(_other_side, text)
+
+
 def flip(example: dict) -> dict:
-  """Mirrors the image (and its boxes) left-right."""
+  """Mirrors the image left-right, and its boxes and region texts with it: a query that says "the dog on the
+  left" must still name the box it is paired with."""
   flipped = {**example, "image": example["image"][:, ::-1]}
   if "boxes" in example:
     flipped["boxes"] = boxlib.flip_boxes_np(example["boxes"])
+  if "descriptions" in example:
+    flipped["descriptions"] = [mirror_text(text) for text in example["descriptions"]]
   return flipped
 
 
