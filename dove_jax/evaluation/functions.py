@@ -3,6 +3,8 @@ reconstruct-with-figures over the split model state, plus the small pieces they 
 arguments, MSE inside and outside the query's boxes, the mean token)."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,8 +37,15 @@ def mean_token(tokens: Tokens) -> jax.Array:
   return kept / jnp.maximum(tokens.lengths, 1)[:, None]
 
 
-def make_functions(model_def: nnx.GraphDef):
-  """The compiled (encode, decode, reconstruct). A budget is an array argument ([B] ints, 0 = predicted
+class Functions(NamedTuple):
+  encode: Callable
+  decode: Callable
+  reconstruct: Callable
+  autoencode: Callable
+
+
+def make_functions(model_def: nnx.GraphDef) -> Functions:
+  """The compiled (encode, decode, reconstruct, autoencode). A budget is an array argument ([B] ints, 0 = predicted
   length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE."""
 
   @xla.jit(static_argnames="chunk_size")
@@ -47,6 +56,14 @@ def make_functions(model_def: nnx.GraphDef):
   def decode(params, tokens):
     return nnx.merge(model_def, params).decode(tokens)
 
+  def figures(recon, images, lpips):
+    """Per-image quality [B] of the image a viewer gets: the decoder's output clipped to the valid range."""
+    recon = jnp.clip(recon, -1, 1)  # [B, H, W, 3]
+    out = {"reconstruction": recon, "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images)}
+    if lpips is not None:
+      out["lpips"] = lpips(recon, images)
+    return out
+
   @xla.jit
   def reconstruct(params, lpips, batch, budget, query):
     """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
@@ -54,14 +71,16 @@ def make_functions(model_def: nnx.GraphDef):
     model = nnx.merge(model_def, params)
     images = batch["image"]
     tokens = model.encode(images, budget, **query)
-    # The figures are of the image a viewer gets: the decoder's output clipped to the valid range.
-    recon = jnp.clip(model.decode(tokens), -1, 1)  # [B, H, W, 3]
-    out = {"reconstruction": recon, "lengths": tokens.lengths, "features": mean_token(tokens),
-           "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images)}
-    if lpips is not None:
-      out["lpips"] = lpips(recon, images)
+    out = figures(model.decode(tokens), images, lpips)
+    out.update(lengths=tokens.lengths, features=mean_token(tokens))
     if "boxes" in batch:
-      out["mse_in_boxes"], out["mse_outside_boxes"] = box_mse(recon, images, batch)
+      out["mse_in_boxes"], out["mse_outside_boxes"] = box_mse(out["reconstruction"], images, batch)
     return out
 
-  return encode, decode, reconstruct
+  @xla.jit
+  def autoencode(params, lpips, batch):
+    """The same figures for the VQ-GAN alone (encoder, codebook, decoder): the ceiling of DOVE's quality."""
+    model = nnx.merge(model_def, params)
+    return figures(model.vqgan(batch["image"])[0], batch["image"], lpips)
+
+  return Functions(encode, decode, reconstruct, autoencode)

@@ -11,6 +11,7 @@ import numpy as np
 
 PREDICTED = "predicted"  # the key of the figures at the model's own lengths (also run.py's)
 NO_QUERY = "no_query"  # Q-DOVE at its own lengths with the query left out
+VQGAN = "vqgan"  # the VQ-GAN alone (encoder, codebook, decoder): the ceiling of DOVE's quality
 
 
 def _pyplot():
@@ -27,20 +28,21 @@ def _save(figure, path: str | Path) -> None:
 
 
 def _column_title(key: str) -> str:
-  return {PREDICTED: "predicted length", NO_QUERY: "no query"}.get(key, f"budget {key}")
+  return {PREDICTED: "predicted length", NO_QUERY: "no query", VQGAN: "VQ-GAN alone"}.get(key, f"budget {key}")
 
 
 def reconstructions(inputs: np.ndarray, images: dict[str, np.ndarray], lengths: dict[str, np.ndarray],
                     psnr: dict[str, np.ndarray], path: str | Path) -> None:
   """A row per input image: the input, then its reconstruction for each key of `images` (PREDICTED or a
-  budget), titled with its length and PSNR. inputs [N, H, W, 3] and images[key] [N, H, W, 3] are in
+  budget, or VQGAN), titled with its length (where `lengths` has the key) and PSNR. inputs [N, H, W, 3] and images[key] [N, H, W, 3] are in
   [-1, 1]; lengths[key] and psnr[key] are [N]."""
   plt = _pyplot()
   rows, columns = len(inputs), 1 + len(images)
   figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 1.9 * rows + 0.3), squeeze=False)
   for row in range(rows):
     cells = [(inputs[row], "input")]
-    cells += [(images[key][row], f"{lengths[key][row]} tokens, {psnr[key][row]:.1f} dB") for key in images]
+    cells += [(images[key][row], f"{lengths[key][row]} tokens, {psnr[key][row]:.1f} dB" if key in lengths
+               else f"{psnr[key][row]:.1f} dB") for key in images]
     for column, (image, title) in enumerate(cells):
       axis = axes[row, column]
       axis.imshow(np.clip((image + 1) / 2, 0, 1))
@@ -83,10 +85,10 @@ def complexity_vs_length(complexities: dict[str, np.ndarray], lengths: np.ndarra
   _save(figure, path)
 
 
-def quality_vs_budget(reconstruction: dict[str, dict], path: str | Path) -> None:
+def quality_vs_budget(reconstruction: dict[str, dict], path: str | Path, ceiling: dict | None = None) -> None:
   """PSNR, SSIM, LPIPS (and rFID where it is a number) against the token budget, from run.py's
   `reconstruction` figures (keys: PREDICTED and budgets as strings); the predicted lengths are a star at
-  their mean length."""
+  their mean length, and `ceiling` (the VQ-GAN alone's figures) a dashed line."""
   plt = _pyplot()
   budgets = [key for key in reconstruction if key not in (PREDICTED, NO_QUERY)]
   names = ["psnr", "ssim", "lpips"]
@@ -97,6 +99,8 @@ def quality_vs_budget(reconstruction: dict[str, dict], path: str | Path) -> None
   for axis, name in zip(axes[0], names):
     axis.plot([int(b) for b in budgets], [reconstruction[b][name] for b in budgets], "o-", label="forced budget")
     axis.plot([predicted["mean_length"]], [predicted[name]], "*", markersize=14, label="predicted lengths (mean)")
+    if ceiling is not None and isinstance(ceiling.get(name), float):
+      axis.axhline(ceiling[name], linestyle="--", color="gray", label="VQ-GAN alone")
     axis.set_xlabel("tokens")
     axis.set_title({"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}[name])
     axis.grid(alpha=0.3)

@@ -31,7 +31,8 @@ from dove_jax import xla
 from dove_jax.data import pipeline
 from dove_jax.evaluation import fid, metrics, plots, probe
 from dove_jax.evaluation.functions import make_functions, mean_token, query_inputs
-from dove_jax.evaluation.plots import NO_QUERY, PREDICTED  # keys of the figures at the model's own lengths
+# Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
+from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
 from dove_jax.training import checkpoint, loop
 from dove_jax.weights import load_weights
@@ -146,7 +147,8 @@ def length_by_decile(complexity: np.ndarray, lengths: np.ndarray) -> list[dict]:
 def quality(per_image: dict[str, np.ndarray]) -> dict:
   """Split-level figures from per-image lengths, MSE, SSIM and LPIPS (and Q-DOVE's MSE in/out of boxes)."""
   mse = per_image["mse"]
-  figures = {"mean_length": float(per_image["lengths"].mean()), "mse": float(mse.mean()),
+  figures = {"mean_length": float(per_image["lengths"].mean())} if "lengths" in per_image else {}
+  figures |= {"mse": float(mse.mean()),
              "psnr": float(metrics.psnr_from_mse(mse.mean())),  # of the mean MSE
              "psnr_per_image": float(np.mean(metrics.psnr_from_mse(mse))),  # the mean of each image's PSNR
              "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
@@ -215,10 +217,11 @@ def throughput(encode, decode, params, batch: dict, repeats: int = 3, chunk_size
 
 # -- the evaluation ---------------------------------------------------------------------------------------
 
-def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: list[int], inception=None,
-                        with_queries: bool = False):
-  """Runs `reconstruct` on every batch of `data` at the predicted lengths and at each budget (with the
-  query, for Q-DOVE, which is also run at its predicted lengths without the query: key NO_QUERY).
+def reconstruction_pass(functions, params, lpips, data, count: int, budgets: list[int], inception=None,
+                        with_queries: bool = False, dove: bool = True):
+  """Runs `functions.reconstruct` on every batch of `data` at the predicted lengths and at each budget (with
+  the query, for Q-DOVE, which is also run at its predicted lengths without the query: key NO_QUERY), and
+  `functions.autoencode`, the VQ-GAN alone (key VQGAN; the only one when `dove` is False: a stage-1 run).
 
   Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips;
   for Q-DOVE mse_in_boxes and mse_outside_boxes) with key PREDICTED, NO_QUERY or str(budget); images holds
@@ -227,13 +230,14 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
   FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
   """
   from tqdm import tqdm
-  keys = {PREDICTED: (0, True), **{str(budget): (budget, True) for budget in budgets}}
+  keys = {PREDICTED: (0, True), **{str(budget): (budget, True) for budget in budgets}} if dove else {}
   names = ("lengths", *QUALITY)
   if with_queries:
     keys[NO_QUERY] = (0, False)
     names += ("mse_in_boxes", "mse_outside_boxes")
   feature_key = NO_QUERY if with_queries else PREDICTED
   per_image = {key: {name: [] for name in names} for key in keys}
+  keys[VQGAN], per_image[VQGAN] = None, {name: [] for name in QUALITY}
   images_seen = {name: [] for name in ("laplacian_variance", "complexity", "label", "features")}
   samples = {}
   laplacian_variance = xla.jit(metrics.laplacian_variance)
@@ -251,9 +255,13 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
     if not samples:
       samples["input"] = host_batch["image"][keep][:SAMPLE_IMAGES]
       samples["batch"] = {name: value[keep][:SAMPLE_IMAGES] for name, value in host_batch.items()}
-    for key, (budget, with_query) in keys.items():
-      out = reconstruct(params, lpips, batch, jnp.full(images.shape[0], budget, jnp.int32),
-                        query_inputs(batch, with_query))
+    for key, setting in keys.items():
+      if key == VQGAN:
+        out = functions.autoencode(params, lpips, batch)
+      else:
+        budget, with_query = setting
+        out = functions.reconstruct(params, lpips, batch, jnp.full(images.shape[0], budget, jnp.int32),
+                                    query_inputs(batch, with_query))
       for name, values in per_image[key].items():
         values.append(np.asarray(out[name])[keep])
       if key == feature_key:
@@ -263,7 +271,7 @@ def reconstruction_pass(reconstruct, params, lpips, data, count: int, budgets: l
       if key not in samples:
         samples[key] = np.asarray(out["reconstruction"])[keep][:SAMPLE_IMAGES]
   per_image = {key: {name: np.concatenate(v) for name, v in figures.items()} for key, figures in per_image.items()}
-  images_seen = {name: np.concatenate(v) for name, v in images_seen.items()}
+  images_seen = {name: np.concatenate(v) if v else None for name, v in images_seen.items()}
   return per_image, images_seen, samples, fid_stats if inception is not None else None
 
 
@@ -293,51 +301,58 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   inception_model = fid.load_inception(inception) if inception else None
   out = Path(out) if out else Path(workdir) / "eval"
   model_def, params = nnx.split(model)
-  encode, decode, reconstruct = make_functions(model_def)
+  functions = make_functions(model_def)
   train_source, eval_source = loop.data_sources(config)
 
   data, count = batches(eval_source, config, max_batches)
   with_queries = "query" in config
+  dove = config.train.get("objective", "dove") != "vqgan"  # a stage-1 run has only its VQ-GAN to show
   per_image, images, samples, fid_stats = reconstruction_pass(
-      reconstruct, params, load_lpips(), data, count, budgets, inception_model, with_queries)
+      functions, params, load_lpips(), data, count, budgets if dove else [], inception_model, with_queries, dove)
   reconstruction = {key: quality(figures) for key, figures in per_image.items()}
   for key, figures in reconstruction.items():
     figures["rfid"] = RFID_UNAVAILABLE if fid_stats is None else metrics.frechet_distance(
         fid_stats["real"].mean(), fid_stats["real"].covariance(), fid_stats[key].mean(),
         fid_stats[key].covariance())
-
-  lengths = per_image[PREDICTED]["lengths"]
-  complexities = {"laplacian_variance": images["laplacian_variance"]}
-  if np.any(images["complexity"]):  # the data set's own figure, where it has one (the built-in set does)
-    complexities["dataset_complexity"] = images["complexity"]
-  first_batch = next(batches(eval_source, config, 1)[0])
   results = {
       "model": origin,
       "settings": {"data": {"source": config.data.source, "name": config.data.name,
                             "split": config.data.eval_split, "train_split": config.data.train_split},
-                   "num_images": len(lengths), "budgets": budgets, "batch_size": config.data.global_batch_size,
-                   "max_batches": max_batches, "probe_train_batches": probe_train_batches,
+                   "num_images": len(per_image[VQGAN]["mse"]), "budgets": budgets if dove else [],
+                   "batch_size": config.data.global_batch_size, "max_batches": max_batches,
+                   "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
                    "model": config.model.to_dict()},
-      "reconstruction": reconstruction,
-      "lengths": length_analysis(lengths, complexities, max_tokens),
-      "linear_probe": probe_figures(encode, params, config, train_source, probe_train_batches,
-                                    images["features"], images["label"]),
-      "throughput": throughput(encode, decode, params, first_batch),
+      # The VQ-GAN alone (encoder, codebook, decoder): what DOVE's tokens would reach if they lost nothing.
+      "vqgan": reconstruction.pop(VQGAN),
   }
-  if with_queries:
-    results["query"] = query_figures(reconstruction)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps(results, indent=2))
   psnr = {key: np.asarray(metrics.psnr_from_mse(figures["mse"][:SAMPLE_IMAGES])) for key, figures in per_image.items()}
   plots.reconstructions(samples["input"], {key: samples[key] for key in per_image},
-                        {key: figures["lengths"][:SAMPLE_IMAGES] for key, figures in per_image.items()}, psnr,
-                        out / "reconstructions.png")
-  plots.length_histogram(lengths, max_tokens, out / "length_histogram.png")
-  plots.complexity_vs_length(complexities, lengths, results["lengths"]["spearman"], out / "complexity_vs_length.png")
-  plots.quality_vs_budget(reconstruction, out / "quality_vs_budget.png")
-  if with_queries:
-    query_plot(config, samples, per_image, out / "queries.png")
+                        {key: figures["lengths"][:SAMPLE_IMAGES] for key, figures in per_image.items()
+                         if "lengths" in figures}, psnr, out / "reconstructions.png")
+  if dove:
+    lengths = per_image[PREDICTED]["lengths"]
+    complexities = {"laplacian_variance": images["laplacian_variance"]}
+    if np.any(images["complexity"]):  # the data set's own figure, where it has one (the built-in set does)
+      complexities["dataset_complexity"] = images["complexity"]
+    first_batch = next(batches(eval_source, config, 1)[0])
+    results |= {
+        "reconstruction": reconstruction,
+        "lengths": length_analysis(lengths, complexities, max_tokens),
+        "linear_probe": probe_figures(functions.encode, params, config, train_source, probe_train_batches,
+                                      images["features"], images["label"]),
+        "throughput": throughput(functions.encode, functions.decode, params, first_batch),
+    }
+    if with_queries:
+      results["query"] = query_figures(reconstruction)
+    plots.length_histogram(lengths, max_tokens, out / "length_histogram.png")
+    plots.complexity_vs_length(complexities, lengths, results["lengths"]["spearman"],
+                               out / "complexity_vs_length.png")
+    plots.quality_vs_budget(reconstruction, out / "quality_vs_budget.png", ceiling=results["vqgan"])
+    if with_queries:
+      query_plot(config, samples, per_image, out / "queries.png")
+  (out / "metrics.json").write_text(json.dumps(results, indent=2))
   logging.info("evaluation written to %s", out)
   return results
 
@@ -357,10 +372,13 @@ def query_plot(config: ml_collections.ConfigDict, samples: dict, per_image: dict
 def format_summary(results: dict) -> str:
   """A short table of `evaluate`'s figures, one row per budget, then lengths, probe and throughput."""
   rows = [f"{'tokens':>10} {'mean len':>9} {'MSE':>9} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6}  rFID"]
-  for key, figures in results["reconstruction"].items():
+  for key, figures in {**results.get("reconstruction", {}), VQGAN: results["vqgan"]}.items():
     rfid = figures["rfid"] if isinstance(figures["rfid"], str) else f"{figures['rfid']:.2f}"
-    rows.append(f"{key:>10} {figures['mean_length']:9.1f} {figures['mse']:9.5f} {figures['psnr']:7.2f} "
+    length = f"{figures['mean_length']:9.1f}" if "mean_length" in figures else f"{'-':>9}"
+    rows.append(f"{key:>10} {length} {figures['mse']:9.5f} {figures['psnr']:7.2f} "
                 f"{figures['ssim']:6.3f} {figures['lpips']:6.3f}  {rfid.split(':')[0]}")
+  if "reconstruction" not in results:  # a stage-1 run: its VQ-GAN alone
+    return "\n".join(rows)
   lengths = results["lengths"]
   spearman_text = ", ".join(f"{name} {'n/a' if rho is None else f'{rho:.3f}'}"
                             for name, rho in lengths["spearman"].items())

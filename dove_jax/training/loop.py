@@ -24,6 +24,7 @@ from dove_jax import losses, xla
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
+from dove_jax.evaluation import metrics as metrics_lib
 from dove_jax.evaluation.functions import make_functions, query_inputs
 from dove_jax.models import remat
 from dove_jax.models.discriminator import PatchDiscriminator
@@ -33,6 +34,7 @@ from dove_jax.training.step import make_train_step
 from dove_jax.weights import load_weights
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
+OBJECTIVES = ("dove", "vqgan")  # what the train step optimises: DOVE, or its VQ-GAN alone (stage 1)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -41,7 +43,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
              "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
              "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
-             "model.remat": (config.model.remat, tuple(remat.POLICIES))}
+             "model.remat": (config.model.remat, tuple(remat.POLICIES)),
+             "train.objective": (config.train.objective, OBJECTIVES)}
   for field, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"config.{field} = {value!r}; expected one of {allowed}")
@@ -124,9 +127,7 @@ def build_model(config: ml_collections.ConfigDict) -> DOVE:
   if config.init.weights:
     logging.info("%s", load_weights(model, config.init.weights, optional=optional))
   if config.init.checkpoint:
-    directory = Path(config.init.checkpoint).expanduser()
-    directory = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-    step, report = checkpoint.load_checkpoint_params(directory, model, optional=optional)
+    step, report = checkpoint.load_checkpoint_params(config.init.checkpoint, model, optional=optional)
     logging.info("step %d of %s", step, report)
   return model
 
@@ -200,7 +201,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
                                                        num_layers=config.discriminator.num_layers,
                                                        rngs=nnx.Rngs(config.seed + 1)))
   optim = config.optim
-  learning_rate = statelib.learning_rate_schedule(optim.learning_rate, optim.warmup_steps, num_steps)
+  learning_rate = statelib.learning_rate_schedule(optim.learning_rate, optim.warmup_steps, num_steps,
+                                                  optim.final_learning_rate)
   tx = statelib.optimizer(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                           grad_clip=optim.grad_clip, frozen=tuple(optim.freeze),
                           sgd={"generator/eos_head": optim.eos_head_learning_rate}, params=params)
@@ -296,9 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 class Evaluator:
-  """Validation figures during training: MSE (and SSIM, LPIPS) at the model's own lengths, lengths against
-  complexity, and a picture of inputs and reconstructions at a few budgets. For Q-DOVE also the lengths
-  without the query and the MSE inside and outside the query's boxes. The compiled functions are eval.py's."""
+  """Validation figures during training: MSE (and SSIM, LPIPS) at the model's own lengths, PSNR at a few
+  forced budgets, lengths against complexity, and a picture of inputs and reconstructions at a few budgets. For Q-DOVE also the lengths
+  without the query and the MSE inside and outside the query's boxes. A stage-1 run (the VQ-GAN alone)
+  shows its VQ-GAN's figures and reconstructions. The compiled functions are eval.py's."""
 
   def __init__(self, config, model_def: nnx.GraphDef, eval_source, lpips=None):
     self.max_tokens = config.model.max_tokens
@@ -308,11 +311,15 @@ class Evaluator:
                                     train=False, query=query_step(config))
     # The same images every time, so the curves compare.
     self.batches = [jax.device_put(batch) for batch in itertools.islice(dataset, config.train.eval_batches)]
-    self.reconstruct = make_functions(model_def)[2]
+    self.functions = make_functions(model_def)
+    self.vqgan_only = config.train.objective == "vqgan"
+    self.budgets = [self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
 
   def _run(self, params, batch, budget: int = 0, with_query: bool = True) -> dict:
+    if self.vqgan_only:
+      return self.functions.autoencode(params, self.lpips, batch)
     budgets = jnp.full(batch["image"].shape[0], budget, jnp.int32)
-    return self.reconstruct(params, self.lpips, batch, budgets, query_inputs(batch, with_query))
+    return self.functions.reconstruct(params, self.lpips, batch, budgets, query_inputs(batch, with_query))
 
   def metrics(self, params) -> dict:
     from scipy import stats
@@ -321,24 +328,32 @@ class Evaluator:
       out = self._run(params, batch)
       if "query_ids" in batch:
         out["no_query_lengths"] = self._run(params, batch, with_query=False)["lengths"]
-      out["complexity"] = batch["complexity"]
+      if "lengths" in out:
+        out["complexity"] = batch["complexity"]
       keep = np.asarray(batch["valid"])
       for name, values in out.items():
         if name not in ("reconstruction", "features"):
           figures.setdefault(name, []).append(np.asarray(values)[keep])
     figures = {name: np.concatenate(values) for name, values in figures.items()}
-    lengths, complexity = figures.pop("lengths"), figures.pop("complexity")
-    spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
-    results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std()),
-               "eval/length_complexity_spearman": float(spearman)}
+    results = {}
+    if "lengths" in figures:
+      lengths, complexity = figures.pop("lengths"), figures.pop("complexity")
+      spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
+      results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std()),
+                 "eval/length_complexity_spearman": float(spearman)}
     if "no_query_lengths" in figures:
       results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
     results.update({f"eval/{name}": float(values.mean()) for name, values in figures.items()})
+    if not self.vqgan_only:  # the quality-versus-tokens curve, at a few forced budgets
+      for budget in self.budgets:
+        mse = np.concatenate([np.asarray(self._run(params, batch, budget)["mse"])[np.asarray(batch["valid"])]
+                              for batch in self.batches])
+        results[f"eval/psnr_at_{budget}_tokens"] = float(metrics_lib.psnr_from_mse(mse.mean()))
     return results
 
   def image_grid(self, params, count: int = 4) -> np.ndarray:
     batch = {name: value[:count] for name, value in self.batches[0].items()}
-    budgets = [0, self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
+    budgets = [0] if self.vqgan_only else [0, *self.budgets]
     rows = [np.asarray(batch["image"])]
     rows += [np.asarray(self._run(params, batch, budget)["reconstruction"]) for budget in budgets]
     return image_grid(rows)

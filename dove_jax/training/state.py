@@ -53,9 +53,11 @@ def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_dec
   return optax.multi_transform(transforms, jax.tree_util.tree_map_with_path(label, params))
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `peak`, then cosine decay to zero at `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1))
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
+                           final_fraction: float = 0.0) -> optax.Schedule:
+  """Linear warmup to `peak`, then cosine decay to `final_fraction * peak` at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
+                                            end_value=final_fraction * peak)
 
 
 def create_state(params, disc_params, tx, disc_tx, *, threshold_window: int, seed: int) -> TrainState:

@@ -8,6 +8,12 @@ see the images at their own length.
 
 Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
 judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
+
+Stage 1 (`train.objective = "vqgan"`, configs/vqgan.py) trains the VQ-GAN alone as an autoencoder: L_rec of
+its reconstruction through the codebook plus the quantizer's loss; no tokens, no EOS.
+
+Parameters under an `optim.freeze` prefix enter the loss as constants, so the backward pass skips them (a
+frozen VQ-GAN encoder costs its forward pass only).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from flax import nnx
 
 from dove_jax import boxes, losses
 from dove_jax.models import eos
-from dove_jax.training.state import TrainState
+from dove_jax.training.state import TrainState, param_path
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -34,6 +40,23 @@ def batch_loss(objective: jax.Array, l_eos: jax.Array, valid: jax.Array, own_len
   by the own-length fraction (halve it at random_length_fraction = 0.5).
   """
   return rec_weight * weighted_mean(objective, valid) + lambda_eos * weighted_mean(l_eos, own_length)
+
+
+def constants_under(params, prefixes: tuple[str, ...]):
+  """`params` with every leaf under a path prefix in `prefixes` behind stop_gradient: no gradient flows into
+  them, and none is computed through the layers that only they feed."""
+  if not prefixes:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.stop_gradient(x) if param_path(path).startswith(prefixes) else x, params)
+
+
+def length_metrics(lengths: jax.Array, valid: jax.Array, max_tokens: int) -> dict:
+  """Mean, min and max of the valid images' lengths [B]."""
+  lengths = lengths.astype(jnp.float32)
+  return dict(length_mean=weighted_mean(lengths, valid),
+              length_min=jnp.min(jnp.where(valid > 0, lengths, jnp.float32(max_tokens + 1))),
+              length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
 
 
 def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float) -> jax.Array:
@@ -62,6 +85,9 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
                                           warmup_steps=loss_cfg.eos_weight_steps, kind=loss_cfg.eos_weight_kind)
   max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
   query_cfg = config.get("query")
+  frozen = tuple(config.optim.freeze)
+  vqgan_only = config.train.objective == "vqgan"
+  use_gan = loss_cfg.gan_weight > 0  # with weight 0 the discriminator neither judges nor trains
 
   def train_step(state: TrainState, batch: dict, lpips) -> tuple[TrainState, dict]:
     images = batch["image"]  # [B, H, W, 3] in [-1, 1]
@@ -80,13 +106,23 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       """L_rec and its parts per image: [N, h, w, 3] x2 -> dict of [N]."""
       mse = losses.mse_per_image(recon, target)
       perceptual = lpips(recon, target) if lpips is not None else jnp.zeros_like(mse)
-      gan = losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on
+      gan = (losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on if use_gan
+             else jnp.zeros_like(mse))
       rec = losses.reconstruction_loss(mse, perceptual, gan, mse_weight=loss_cfg.mse_weight,
                                        lpips_weight=loss_cfg.lpips_weight, gan_weight=loss_cfg.gan_weight)
       return dict(rec=rec, mse=mse, lpips=perceptual, gan=gan)
 
+    def vqgan_loss_fn(params):
+      """Stage 1: the VQ-GAN's reconstruction through its codebook; the threshold records nothing."""
+      recon, vq = nnx.merge(model_def, constants_under(params, frozen)).vqgan(images)
+      terms = rec_terms(recon, images)
+      total = loss_cfg.rec_weight * weighted_mean(terms["rec"], valid) + loss_cfg.vq_weight * vq.loss
+      logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
+                    vq=vq.loss, code_usage=vq.code_usage)
+      return total, (logged, recon, terms["rec"], jnp.zeros_like(valid))
+
     def loss_fn(params):
-      model = nnx.merge(model_def, params)
+      model = nnx.merge(model_def, constants_under(params, frozen))
       out = model(images, budget, batch.get("query_ids"), query.get("query_mask"))
       recon = out.reconstruction
       if query_cfg is None:
@@ -102,11 +138,14 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       total = total + loss_cfg.vq_weight * vq_loss
       _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
       logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
-                    eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos)
-      return total, (logged, recon, predicted, terms["rec"])
+                    eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos,
+                    eos_threshold=threshold, **length_metrics(predicted, valid, max_tokens))
+      return total, (logged, recon, terms["rec"], own_length)
 
-    # rec: [B] the L_rec each image's L_eos compared with the threshold.
-    (_, (terms, recon, predicted, rec)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # rec: [B] the L_rec each image's L_eos compared with the threshold; the threshold records the images
+    # of weight > 0 in rec_weights.
+    (_, (terms, recon, rec, rec_weights)), grads = jax.value_and_grad(
+        vqgan_loss_fn if vqgan_only else loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -117,24 +156,20 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       real, fake = jnp.split(disc(jnp.concatenate([images, jax.lax.stop_gradient(recon)])), 2)
       return losses.discriminator_loss(real, fake, loss_cfg.gan_kind) * gan_on
 
-    disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
-    disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
-    disc_params = optax.apply_updates(state.disc_params, disc_updates)
+    disc_loss, disc_params, disc_opt_state = jnp.zeros(()), state.disc_params, state.disc_opt_state
+    if use_gan:
+      disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
+      disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
+      disc_params = optax.apply_updates(state.disc_params, disc_updates)
 
-    lengths = predicted.astype(jnp.float32)
-    big = jnp.float32(max_tokens + 1)
-    metrics = dict(
-        **terms, disc=disc_loss, eos_threshold=threshold, grad_norm=optax.global_norm(grads),
-        learning_rate=learning_rate(state.step),
-        length_mean=weighted_mean(lengths, valid),
-        length_min=jnp.min(jnp.where(valid > 0, lengths, big)),
-        length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
+    metrics = dict(**terms, disc=disc_loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=learning_rate(state.step))
     if query:
       metrics["query_kept"] = weighted_mean(jnp.any(query["query_mask"], axis=1).astype(jnp.float32), valid)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
         disc_opt_state=disc_opt_state,
-        eos_threshold=losses.threshold_update(state.eos_threshold, rec, own_length))
+        eos_threshold=losses.threshold_update(state.eos_threshold, rec, rec_weights))
     return new_state, metrics
 
   return train_step

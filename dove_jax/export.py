@@ -1,0 +1,34 @@
+"""Writes a training run's parameters to a weights file (safetensors keyed by parameter path).
+
+  python -m dove_jax.export --workdir runs/tiny --out dove.safetensors            the latest checkpoint
+  python -m dove_jax.export --workdir runs/vqgan_tiny --part vqgan --out vqgan.safetensors --step 3000
+
+The file loads with `dove_jax.load_weights` (a whole model), as `--config.init.weights` or `eval.py
+--weights`; a `--part vqgan` file is a stage-1 VQ-GAN for `--config.init.vqgan`.
+"""
+import sys
+
+from absl import app, flags
+
+from dove_jax.evaluation import run
+from dove_jax.weights import save_weights
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run (its checkpoints/ and config.json)", required=True)
+_OUT = flags.DEFINE_string("out", None, "the .safetensors file to write", required=True)
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
+_PART = flags.DEFINE_string("part", "", "only the parameters under this path prefix, e.g. vqgan")
+
+
+def main(argv):
+  del argv
+  try:
+    config = run.load_run_config(_WORKDIR.value)
+    model, origin = run.load_model(config, _WORKDIR.value, step=_STEP.value)
+    count = save_weights(model, _OUT.value, part=_PART.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"export: {e}")
+  print(f"wrote {count} tensors of step {origin['step']} to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
