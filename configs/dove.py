@@ -36,6 +36,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model.quantize_features = False  # feed the generator the quantized H_v
   config.model.requantize_output = False  # snap decoded latents to the codebook before the VQGAN decoder
   config.model.eos_bias_init = -4.0  # start at full length
+  config.model.token_dim = 0  # > 0: tokens projected to this width; 0 = the generator's width (the paper)
   config.model.dtype = ""  # compute dtype of the transformers: "" (float32) or "bfloat16"
   # What the backward pass keeps of each VQ-GAN resnet block and transformer block (memory for compute):
   # "none", "save_matmuls" (recompute norms and activations) or "blocks" (recompute whole blocks).
@@ -122,6 +123,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.model.generator = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.decoder = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.max_tokens = 64
+    # 16 floats a token (64 tokens: a quarter of the 16 x 16 x 16 latent grid): with the generator's 64,
+    # the first few tokens held all a short run learns and later ones added nothing (docs/fidelity.md).
+    config.model.token_dim = 16
     # Stage 2: from the shipped stage-1 VQ-GAN, frozen (its encoder runs forward only); the transformers
     # start from random weights, as no Pythia of this size exists.
     config.init.vqgan = str(SHIPPED / "tiny" / "vqgan.safetensors")
@@ -131,7 +135,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.data.data_dir = "data"
     config.data.global_batch_size = 8
     config.data.worker_count = 0
-    config.loss.eos_weight_steps = 300
+    # lambda_eos stays below 1e-3 for the first 1200 steps: the lengths may not shrink before the tokens
+    # make a difference to the reconstruction, or the model learns to need few.
+    config.loss.eos_weight_steps = 2000
     config.loss.eos_weight_end = 1e-1
     # MSE alone on the CPU: LPIPS (VGG16) would be half of every step, and the GAN term is 5e-10 of L_rec.
     config.loss.lpips_weight = 0.0
@@ -144,12 +150,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.optim.final_learning_rate = 0.1
     config.optim.disc_learning_rate = 1e-4
     config.optim.warmup_steps = 50
-    config.train.num_steps = 600
-    config.train.log_every = 25
-    config.train.image_every = 200
-    config.train.eval_every = 200
+    config.train.num_steps = 2000
+    config.train.log_every = 50
+    config.train.image_every = 500
+    config.train.eval_every = 500
     config.train.eval_batches = 4
-    config.train.checkpoint_every = 100
+    config.train.checkpoint_every = 500
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/dove.py; presets: '' (paper), 'tiny'")
   config.lock()

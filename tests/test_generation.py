@@ -117,7 +117,7 @@ def dove():
                                         mid_block_attention=False),
               generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
               decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64), max_tokens=16,
-              eos_bias_init=0.0, rngs=nnx.Rngs(0))
+              eos_bias_init=0.0, token_dim=8, rngs=nnx.Rngs(0))  # tokens narrower than the generator
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,7 @@ def test_dove_encode_chunked_equals_one_pass(dove, images):
                    static_argnums=1)
   with jax.default_matmul_precision("highest"):
     full, chunked = encode(state, 0), encode(state, 4)
+  assert full.tokens.shape == chunked.tokens.shape == (2, 16, 8)  # token_dim
   np.testing.assert_array_equal(chunked.lengths, full.lengths)
   np.testing.assert_array_equal(chunked.mask, full.mask)
   np.testing.assert_allclose(chunked.tokens, full.tokens, atol=1e-5)  # zero after each length in both
@@ -166,7 +167,7 @@ def test_bucketed_decode_equals_full_decode_in_one_compilation(dove, images, cou
 def test_decoder_on_a_cut_sequence_matches_the_whole(dove):
   """The property bucketing rests on, per bucket: cut to m >= the longest length, with the rotary positions
   laid out for all n slots, the token decoder gives the same latents."""
-  tokens = jax.random.normal(jax.random.key(3), (2, 16, 32))  # [B, n, D]
+  tokens = jax.random.normal(jax.random.key(3), (2, 16, 8))  # [B, n, token_dim]
   mask = eos.length_mask(jnp.asarray([3, 5]), 16)  # [B, n]
   graphdef, state = nnx.split(dove.token_decoder)
 

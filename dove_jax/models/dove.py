@@ -62,6 +62,8 @@ class DOVE(nnx.Module):
     quantize_features: feed the generator the quantized H_v (the paper does not say; default: continuous).
     requantize_output: snap the token decoder's latents to the codebook before the VQGAN decoder.
     eos_bias_init: initial EOS logit bias; negative starts every image at full length.
+    token_dim: > 0 projects each token to this many dims (a narrower token holds less, so quality rises
+      with every token added); 0 = the generator's width, as the paper's tokens are Pythia's hidden states.
     dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
     remat: what the backward pass keeps of each VQ-GAN resnet block and transformer block: "none",
       "save_matmuls" or "blocks" (see `dove_jax.models.remat`).
@@ -72,8 +74,8 @@ class DOVE(nnx.Module):
   def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
                generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
                max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
-               requantize_output: bool = False, eos_bias_init: float = -4.0, dtype=None, remat: str = "none",
-               query_vocab_size: int = 0, rngs: nnx.Rngs):
+               requantize_output: bool = False, eos_bias_init: float = -4.0, token_dim: int = 0, dtype=None,
+               remat: str = "none", query_vocab_size: int = 0, rngs: nnx.Rngs):
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
@@ -89,8 +91,9 @@ class DOVE(nnx.Module):
     self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
     grid_size = image_size // downsample
     self.generator = TokenGenerator(feature_dim=latent_dim, grid_size=grid_size, max_tokens=max_tokens,
-                                    transformer=generator, eos_bias_init=eos_bias_init, dtype=dtype, rngs=rngs)
-    self.token_decoder = TokenDecoder(token_dim=generator["d_model"], latent_dim=latent_dim,
+                                    transformer=generator, eos_bias_init=eos_bias_init, token_dim=token_dim,
+                                    dtype=dtype, rngs=rngs)
+    self.token_decoder = TokenDecoder(token_dim=token_dim or generator["d_model"], latent_dim=latent_dim,
                                       grid_size=grid_size,
                                       transformer=dict(_transformer_kwargs(decoder), remat=remat), dtype=dtype,
                                       rngs=rngs)

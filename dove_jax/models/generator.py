@@ -19,9 +19,10 @@ class TokenGenerator(nnx.Module):
   """
 
   def __init__(self, *, feature_dim: int, grid_size: int, max_tokens: int, transformer: dict,
-               eos_bias_init: float = -4.0, dtype=None, rngs: nnx.Rngs):
+               eos_bias_init: float = -4.0, token_dim: int = 0, dtype=None, rngs: nnx.Rngs):
     width = transformer["d_model"]
     self.max_tokens = max_tokens
+    self.token_dim = token_dim or width
     self.feature_proj = nnx.Linear(feature_dim, width, dtype=dtype, rngs=rngs)
     # Where each feature sits on the grid: learned, starting from the 2-D sin-cos encoding.
     self.feature_positions = nnx.Param(jnp.asarray(grid_encoding(grid_size, width)))  # [P, W]
@@ -29,12 +30,14 @@ class TokenGenerator(nnx.Module):
     # A negative bias makes EOS rare at first, so training starts from full-length sequences.
     self.eos_head = nnx.Linear(width, 1, bias_init=nnx.initializers.constant(eos_bias_init),
                                dtype=dtype, rngs=rngs)
+    # A token narrower than the transformer holds less, so each added token has something left to add.
+    self.token_out = nnx.Linear(width, token_dim, dtype=dtype, rngs=rngs) if token_dim else None
 
   def __call__(self, features: jax.Array, query: jax.Array | None = None,
                query_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """features [B, P, feature_dim]; query [B, Q, width] with query_mask [B, Q] (False = padding).
 
-    Returns tokens [B, n, width] and eos_prob [B, n].
+    Returns tokens [B, n, token_dim] and eos_prob [B, n].
     """
     x, positions, key_mask = self.inputs(features, query, query_mask)
     return self.outputs(x, positions, key_mask)
@@ -61,9 +64,13 @@ class TokenGenerator(nnx.Module):
     return jnp.broadcast_to(slots, (batch, *slots.shape))
 
   def outputs(self, x, positions, key_mask):
-    """The last n positions of the transformer's output: tokens [B, n, W] and eos_prob [B, n]."""
+    """The last n positions of the transformer's output: tokens [B, n, token_dim] and eos_prob [B, n]."""
     out = self.transformer(x, positions=positions, key_mask=key_mask, num_outputs=self.max_tokens)
-    return out, self.eos_probability(out)
+    return self.tokens(out), self.eos_probability(out)
+
+  def tokens(self, out: jax.Array) -> jax.Array:
+    """Transformer outputs [B, n, W] -> tokens [B, n, token_dim] (the outputs themselves without token_dim)."""
+    return out if self.token_out is None else self.token_out(out)
 
   def eos_probability(self, out: jax.Array) -> jax.Array:
     """Transformer outputs [B, n, W] -> p_eos [B, n] float32."""
@@ -108,12 +115,13 @@ class TokenGenerator(nnx.Module):
       chunk_positions = jax.lax.dynamic_slice_in_dim(positions, s + done_slots, chunk_size, axis=1)  # [B, C]
       out, caches = self.transformer.extend(x, chunk_positions, caches, s + done_slots, key_mask)
       chunk_eos = self.eos_probability(out)  # [B, C]
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, out.astype(tokens.dtype), done_slots, axis=1)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, self.tokens(out).astype(tokens.dtype), done_slots,
+                                                   axis=1)
       eos_prob = jax.lax.dynamic_update_slice_in_dim(eos_prob, chunk_eos, done_slots, axis=1)
       fired = fired | jnp.any(chunk_eos > threshold, axis=1)
       return done_slots + chunk_size, caches, tokens, eos_prob, fired
 
-    carry = (jnp.int32(0), caches, jnp.zeros((b, padded, prefix.shape[-1]), jnp.float32),
+    carry = (jnp.int32(0), caches, jnp.zeros((b, padded, self.token_dim), jnp.float32),
              jnp.ones((b, padded), jnp.float32), jnp.zeros((b,), bool))
     _, _, tokens, eos_prob, _ = jax.lax.while_loop(unfinished, next_chunk, carry)
     return tokens[:, :n], eos_prob[:, :n]
