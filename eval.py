@@ -4,12 +4,14 @@
   python eval.py --workdir runs/tiny --step 400 --max_batches 10 --config.data.data_dir=/data/tfds
   python eval.py --workdir runs/dove --inception pt_inception-2015-12-05-6726825d.pth --budgets 32,64,256
   python eval.py --workdir runs/paper --config configs/dove.py --weights dove.safetensors
+  python eval.py --workdir out --config configs/dove.py:tiny             the shipped tiny DOVE (weights/tiny)
 
 Without --config the run's own config (workdir/config.json) is used, and `--config.x.y=...` overrides its
 fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out).
 """
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -52,11 +54,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   return app.parse_flags_with_usage(argv)
 
 
+def shipped_weights(config, workdir: str) -> str | None:
+  """The shipped tiny DOVE, for the tiny preset's model in a workdir that holds no checkpoint."""
+  from configs import dove
+  if (Path(workdir) / "checkpoints").is_dir() or "query" in config:
+    return None
+  path = dove.SHIPPED / "tiny" / "dove.safetensors"
+  same_model = config.model.to_dict() == dove.get_config("tiny").model.to_dict()
+  return str(path) if same_model and path.is_file() else None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value,
+    results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value),
                            budgets=[int(b) for b in _BUDGETS.value] if _BUDGETS.value else None,
                            inception=_INCEPTION.value, probe_train_batches=_PROBE_BATCHES.value,
                            max_batches=_MAX_BATCHES.value, out=_OUT.value)

@@ -1,14 +1,16 @@
 """Encode and decode a few images at the model's own lengths and at forced budgets.
 
-  python examples/quickstart.py                         # tiny model, random weights, synthetic images
+  python examples/quickstart.py                         # the shipped tiny DOVE, synthetic images
   python examples/quickstart.py --config configs/dove.py --weights dove.safetensors
 
-With random weights the lengths and reconstructions mean nothing yet; the run shows the API, the shapes
-and the speed of one compiled encode/decode that serves every length.
+The tiny preset loads the DOVE shipped in weights/tiny (trained on the built-in data set); another config
+without --weights runs on random weights, whose lengths and reconstructions mean nothing: the run then
+shows only the API, the shapes and the speed of one compiled encode/decode that serves every length.
 """
 import argparse
 import importlib.util
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ import numpy as np
 from flax import nnx
 
 from dove_jax import DOVE, load_weights
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "dove.safetensors"
 
 
 def load_config(spec: str):
@@ -40,12 +44,14 @@ def synthetic_images(size: int) -> np.ndarray:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--config", default="configs/dove.py:tiny")
-  parser.add_argument("--weights", help="a .safetensors file from dove_jax.convert or training")
+  parser.add_argument("--weights", help="a .safetensors file from dove_jax.convert or dove_jax.export "
+                      "(default for configs/dove.py:tiny: the shipped weights/tiny/dove.safetensors)")
   args = parser.parse_args()
   config = load_config(args.config)
   model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
-  if args.weights:
-    print(load_weights(model, args.weights))
+  weights = args.weights or (SHIPPED if args.config == "configs/dove.py:tiny" else None)
+  if weights:
+    print(load_weights(model, weights))
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -48,3 +48,20 @@ def test_tiny_dove_overfits_a_handful_of_images_far_above_their_mean_colour(fixe
   floor = mean_colour_psnr(np.asarray(fixed_images["image"]))
   assert psnr >= floor + 5.0, (psnr, floor, ceiling)
   assert psnr >= ceiling - 3.0, (psnr, floor, ceiling)
+
+
+def test_shipped_dove_reconstructs_better_with_more_tokens(fixed_images, builtin_data_dir):
+  """The shipped tiny DOVE (weights/tiny/dove.safetensors) loads into the tiny preset's model, and on the
+  first 64 validation images its reconstructions improve from 8 to 64 tokens."""
+  from dove_jax.evaluation.run import load_model
+  config = dove.get_config("tiny")
+  model, _ = load_model(config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"))
+  _, validation = builtin.load_builtin(64, str(builtin_data_dir))
+  images = jnp.asarray(next(iter(pipeline.make_dataset(validation, image_size=64, global_batch_size=64, seed=0,
+                                                       train=False)))["image"])
+  psnr = {}
+  for budget in (8, 64):
+    recon = jnp.clip(model.decode(model.encode(images, budget)), -1, 1)
+    psnr[budget] = float(psnr_from_mse(jnp.mean(jnp.square(recon - images))))
+  assert psnr[64] > psnr[8], psnr
+  assert psnr[64] > mean_colour_psnr(np.asarray(images)) + 2.0, psnr
