@@ -13,7 +13,7 @@ from dove_jax.evaluation.metrics import psnr_from_mse
 from dove_jax.training import mesh as meshlib
 from dove_jax.training.loop import build_training
 
-OVERFIT_STEPS = 300
+OVERFIT_STEPS = 500  # 0.2 s each on 2 cores; 19.8 dB here, 14.0 dB for the images' mean colours
 NUM_IMAGES = 8
 
 
@@ -35,6 +35,7 @@ def test_tiny_dove_overfits_a_handful_of_images_far_above_their_mean_colour(fixe
   config = dove.get_config("tiny")
   config.data.global_batch_size = NUM_IMAGES
   config.loss.random_length_fraction = 0.0  # every slot: the capacity check, not the length objective
+  config.optim.final_learning_rate = 1.0  # a constant rate after the warmup: memorising, not generalising
   mesh = meshlib.make_mesh(devices=jax.devices()[:1])
   setup = build_training(config, mesh, num_steps=OVERFIT_STEPS)
   batch = meshlib.global_batch({"image": fixed_images["image"], "valid": fixed_images["valid"]}, mesh)
@@ -47,7 +48,7 @@ def test_tiny_dove_overfits_a_handful_of_images_far_above_their_mean_colour(fixe
   psnr, ceiling = (float(psnr_from_mse(np.mean(out["mse"]))) for out in (full, vqgan))
   floor = mean_colour_psnr(np.asarray(fixed_images["image"]))
   assert psnr >= floor + 5.0, (psnr, floor, ceiling)
-  assert psnr >= ceiling - 3.0, (psnr, floor, ceiling)
+  assert psnr >= ceiling - 2.0, (psnr, floor, ceiling)  # its frozen VQ-GAN alone: 21.0 dB here
 
 
 def test_shipped_dove_reconstructs_better_with_more_tokens(fixed_images, builtin_data_dir):

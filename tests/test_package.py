@@ -39,6 +39,7 @@ def test_config_presets():
 def test_quickstart_runs_every_budget_through_one_compiled_function():
   result = run("examples/quickstart.py")
   assert result.returncode == 0, result.stderr
-  lines = result.stdout.strip().splitlines()
+  report, *lines = result.stdout.strip().splitlines()
+  assert "weights/tiny/dove.safetensors" in report  # the shipped tiny DOVE, by default
   assert [line.split(":")[0].strip() for line in lines] == ["predicted", "budget 8", "budget 32", "budget 64"]
   assert "lengths [8, 8, 8, 8]" in lines[1]
