@@ -55,9 +55,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def shipped_weights(config, workdir: str) -> str | None:
-  """The shipped tiny DOVE, for the tiny preset's model in a workdir that holds no checkpoint."""
+  """The shipped tiny DOVE, for the tiny preset's model in a folder that is not a training run (no checkpoints/,
+  no config.json): a run without a checkpoint is an error, never silently another model."""
   from configs import dove
-  if (Path(workdir) / "checkpoints").is_dir() or "query" in config:
+  if any((Path(workdir) / name).exists() for name in ("checkpoints", "config.json")) or "query" in config:
     return None
   path = dove.SHIPPED / "tiny" / "dove.safetensors"
   same_model = config.model.to_dict() == dove.get_config("tiny").model.to_dict()
@@ -68,7 +69,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value),
+    weights = _WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value)
+    results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=weights,
                            budgets=[int(b) for b in _BUDGETS.value] if _BUDGETS.value else None,
                            inception=_INCEPTION.value, probe_train_batches=_PROBE_BATCHES.value,
                            max_batches=_MAX_BATCHES.value, out=_OUT.value)
