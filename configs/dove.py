@@ -78,6 +78,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.loss.eos_weight_kind = "exponential"  # ... along this curve ("linear", "constant")
   # A fraction of the images are reconstructed at a random forced length, so every budget works.
   config.loss.random_length_fraction = 0.5
+  # Their lengths: P(length <= k) = (k / n) ** power; 1 = uniform, 2 = likelier the longer.
+  config.loss.random_length_power = 1.0
 
   config.discriminator = ml_collections.ConfigDict()
   config.discriminator.base_channels = 64

@@ -245,6 +245,20 @@ def test_a_batch_trained_only_at_forced_lengths_records_no_threshold():
   assert recorded["count"] == 1 and recorded["values"][0] == 1.5
 
 
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_random_lengths_follow_their_power_law(power):
+  """Forced lengths lie in 1..n with P(length <= k) = (k / n) ** power; the rest are 0 (predicted)."""
+  import jax
+  import numpy as np
+  from dove_jax.training.step import sample_budgets
+  n = 16
+  budgets = np.asarray(sample_budgets(jax.random.key(1), 40_000, n, 0.5, power))
+  forced = budgets[budgets > 0]
+  assert abs(forced.size / budgets.size - 0.5) < 0.01 and forced.min() == 1 and forced.max() == n
+  cdf = np.array([np.mean(forced <= k) for k in range(1, n + 1)])
+  np.testing.assert_allclose(cdf, (np.arange(1, n + 1) / n) ** power, atol=0.01)
+
+
 def test_optimizer_groups_frozen_sgd_and_adamw():
   """Frozen parts do not move; the SGD part moves in proportion to its (tiny) gradient; AdamW parts move by
   about the learning rate whatever the gradient's scale."""

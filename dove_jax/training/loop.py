@@ -55,6 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source = {config.data.source!r} needs config.data.folder")
   if config.data.prefetch < 0:
     raise ValueError(f"config.data.prefetch = {config.data.prefetch}; expected a number of batches >= 0")
+  if config.loss.random_length_power <= 0:
+    raise ValueError(f"config.loss.random_length_power = {config.loss.random_length_power}; expected > 0 "
+                     "(1 = uniform lengths)")
   check_init(config.init)
   if "query" in config:
     check_query_config(config)

@@ -59,11 +59,16 @@ def length_metrics(lengths: jax.Array, valid: jax.Array, max_tokens: int) -> dic
               length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
 
 
-def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float) -> jax.Array:
-  """[B] int32: a random length in 1..n for about `fraction` of the images, 0 (= predicted) for the rest."""
-  pick, length = jax.random.split(rng)
+def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float, power: float = 1.0) -> jax.Array:
+  """[B] int32: a random length in 1..n for about `fraction` of the images, 0 (= predicted) for the rest.
+
+  P(length <= k) = (k / n) ** power: 1 is uniform; above 1 long lengths are likelier. Slot k is trained only
+  by the images whose length reaches it, so under a uniform draw the last slots see a small share of them.
+  """
+  pick, draw = jax.random.split(rng)
   forced = jax.random.uniform(pick, (batch,)) < fraction
-  return jnp.where(forced, jax.random.randint(length, (batch,), 1, max_tokens + 1), 0).astype(jnp.int32)
+  length = jnp.clip(jnp.ceil(max_tokens * jax.random.uniform(draw, (batch,)) ** (1.0 / power)), 1, max_tokens)
+  return jnp.where(forced, length, 0).astype(jnp.int32)
 
 
 def own_length_weights(budget: jax.Array, valid: jax.Array) -> jax.Array:
@@ -93,7 +98,8 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     images = batch["image"]  # [B, H, W, 3] in [-1, 1]
     valid = batch["valid"].astype(jnp.float32)  # [B]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction)
+    budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction,
+                            loss_cfg.random_length_power)
     own_length = own_length_weights(budget, valid)  # [B]
     threshold = losses.threshold_value(state.eos_threshold)
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
