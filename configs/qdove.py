@@ -40,5 +40,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       config.query.crop_size = 64
       config.model.query_vocab_size = 257  # the byte tokenizer
       config.data.source = "builtin"
+      # As the paper, from a trained DOVE: the shipped tiny one, whose lengths already follow the images, so
+      # lambda_eos is at its end value from the first step.
+      config.init.weights = str(dove.SHIPPED / "tiny" / "dove.safetensors")
+      config.loss.eos_weight_kind = "constant"
+      config.optim.learning_rate = 1e-3  # a fine-tune: the DOVE's own rate would first undo some of it
   config.lock()
   return config

@@ -35,6 +35,7 @@ def test_tiny_dove_overfits_a_handful_of_images_far_above_their_mean_colour(fixe
   config = dove.get_config("tiny")
   config.data.global_batch_size = NUM_IMAGES
   config.loss.random_length_fraction = 0.0  # every slot: the capacity check, not the length objective
+  config.optim.learning_rate = 1e-3
   config.optim.final_learning_rate = 1.0  # a constant rate after the warmup: memorising, not generalising
   mesh = meshlib.make_mesh(devices=jax.devices()[:1])
   setup = build_training(config, mesh, num_steps=OVERFIT_STEPS)

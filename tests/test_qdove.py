@@ -283,6 +283,7 @@ def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path, builtin_data_dir
   run = tmp_path / "run"
   result = python(["train.py", "--config", "configs/qdove.py:tiny", f"--workdir={run}",
                    "--config.train.num_steps=3", "--config.train.log_every=1", f"--config.data.data_dir={data_dir}",
+                   "--config.data.global_batch_size=8",
                    "--config.train.eval_batches=1", "--config.loss.lpips_weight=0"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert (run / "checkpoints" / "3").is_dir()
