@@ -52,16 +52,28 @@ def test_ssim_of_an_image_with_itself_is_one():
 
 
 @pytest.mark.parametrize("kind", ["random", "structured"])
-def test_ssim_matches_scikit_image(kind):
+def test_ssim_matches_scikit_image_on_unit_range_images(kind):
+  """The standard SSIM: 8-bit images scaled to [0, 1], data_range 1 (scikit-image's float convention)."""
   structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
   x = random_images(0) if kind == "random" else structured_images()
   rng = np.random.default_rng(1)
-  y = np.clip(x + 0.2 * rng.normal(size=x.shape) + 0.1, -1, 1).astype(np.float32)
-  ours = jax.jit(metrics.ssim)(x, y)
-  theirs = [structural_similarity(a.astype(np.float64), b.astype(np.float64), gaussian_weights=True,
-                                  sigma=1.5, use_sample_covariance=False, data_range=2.0, channel_axis=-1)
-            for a, b in zip(x, y)]
-  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  y = np.clip(x + 0.2 * rng.normal(size=x.shape) + 0.1, -1, 1)
+  x, y = (np.round((v + 1) * 127.5).astype(np.uint8) / np.float32(255) for v in (x, y))  # [0, 1], 8-bit steps
+  ours = jax.jit(metrics.ssim)(x.astype(np.float32), y.astype(np.float32))
+  theirs = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                  data_range=1.0, channel_axis=-1) for a, b in zip(x, y)]
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_evaluation_ssim_is_the_standard_one_of_its_unit_range_images():
+  """eval's per-image SSIM of [-1, 1] images is SSIM of the same images in [0, 1], not of [-1, 1] with range 2
+  (which differs: the luminance term does not follow a shift)."""
+  from dove_jax.evaluation.functions import figures
+  x = structured_images()
+  y = np.clip(x + 0.2 * np.random.default_rng(1).normal(size=x.shape) + 0.1, -1, 1).astype(np.float32)
+  ours = figures(jnp.asarray(y), jnp.asarray(x), None)["ssim"]
+  np.testing.assert_allclose(ours, metrics.ssim((y + 1) / 2, (x + 1) / 2), atol=1e-6)
+  assert np.abs(np.asarray(ours) - np.asarray(metrics.ssim(y, x, data_range=2.0))).max() > 1e-3
 
 
 # --- image complexity ------------------------------------------------------------------------------------
@@ -381,3 +393,33 @@ def test_linear_probe_is_at_chance_on_random_labels():
   result = linear_probe(train_x, train_y, eval_x, eval_y, num_classes=5)
   assert abs(result["accuracy"] - 0.2) < 0.05  # 5 standard errors
   assert result["train_accuracy"] > result["accuracy"]  # it fits noise it cannot generalise
+
+
+# --- Q-DOVE's PSNR outside the boxes ---------------------------------------------------------------------
+
+def test_psnr_outside_boxes_counts_only_images_with_pixels_outside_them():
+  """An image whose box is the whole image (no query) has an outside MSE of 0 that measures nothing: left out,
+  and counted."""
+  from dove_jax.evaluation.run import quality
+  per_image = {"mse": np.array([0.02, 0.03, 0.04]), "ssim": np.ones(3), "lpips": np.zeros(3),
+               "mse_in_boxes": np.array([0.04, 0.06, 0.08]), "mse_outside_boxes": np.array([0.01, 0.03, 0.0]),
+               "has_outside_pixels": np.array([True, True, False])}
+  figures = quality(per_image)
+  assert figures["images_with_outside_pixels"] == 2
+  np.testing.assert_allclose(figures["psnr_outside_boxes"], metrics.psnr_from_mse(0.02), rtol=1e-6)
+  np.testing.assert_allclose(figures["psnr_in_boxes"], metrics.psnr_from_mse(0.06), rtol=1e-6)
+  figures = quality({**per_image, "has_outside_pixels": np.zeros(3, bool)})
+  assert figures["images_with_outside_pixels"] == 0 and figures["psnr_outside_boxes"] is None
+
+
+def test_box_mse_says_which_images_have_pixels_outside_their_boxes():
+  from dove_jax.evaluation.functions import box_mse
+  images = jnp.zeros((2, 8, 8, 3))
+  recon = images.at[:, :4].set(0.5)  # the top half is off by 0.5
+  # (ymin, xmin, ymax, xmax): the top half; the whole image
+  batch = {"boxes": jnp.array([[[0.0, 0.0, 0.5, 1.0]], [[0.0, 0.0, 1.0, 1.0]]]),
+           "box_mask": jnp.array([[True], [True]]), "query_mask": jnp.ones((2, 3), bool)}
+  out = box_mse(recon, images, batch)
+  np.testing.assert_array_equal(out["has_outside_pixels"], [True, False])
+  np.testing.assert_allclose(out["mse_in_boxes"], [0.25, 0.125])
+  np.testing.assert_allclose(out["mse_outside_boxes"], [0.0, 0.0])

@@ -302,6 +302,8 @@ def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path, builtin_data_dir
       1 - query["mean_length_with_query"] / query["mean_length_without_query"])
   for name in ("psnr_in_boxes_with_query", "psnr_outside_boxes_with_query", "psnr_in_boxes_without_query"):
     assert 0 < query[name] < 60, (name, query)
+  # The same boxes are measured with and without the query; outside them, only images that have pixels there.
+  assert query["images_with_outside_pixels_with_query"] == query["images_with_outside_pixels_without_query"] > 0
   assert set(results["reconstruction"]) == {"predicted", "no_query", "16", "32", "64"}
   assert (run / "eval" / "queries.png").stat().st_size > 10_000
 

@@ -24,11 +24,15 @@ def query_inputs(batch: dict, with_query: bool = True) -> dict:
   return {"query": jnp.asarray(batch["query_ids"]), "query_mask": mask if with_query else jnp.zeros_like(mask)}
 
 
-def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """[B] MSE inside the query's boxes (the whole image for an empty query) and [B] MSE outside them."""
+def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> dict[str, jax.Array]:
+  """[B] MSE inside the query's boxes (the whole image for an empty query), [B] MSE outside them, and [B]
+  whether the image has any pixel outside them (the outside MSE of one that has none is a 0 that means
+  nothing)."""
   boxes, box_mask = relevant_boxes(*(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask")))
   inside = union_mask(boxes, box_mask, *images.shape[1:3])  # [B, H, W]
-  return losses.outside_mse(recon, images, ~inside), losses.outside_mse(recon, images, inside)
+  return {"mse_in_boxes": losses.outside_mse(recon, images, ~inside),
+          "mse_outside_boxes": losses.outside_mse(recon, images, inside),
+          "has_outside_pixels": ~jnp.all(inside, axis=(1, 2))}
 
 
 def mean_token(tokens: Tokens) -> jax.Array:
@@ -44,6 +48,17 @@ class Functions(NamedTuple):
   autoencode: Callable
 
 
+def figures(recon: jax.Array, images: jax.Array, lpips) -> dict[str, jax.Array]:
+  """Per-image quality [B] of the image a viewer gets: the decoder's output clipped to the valid range.
+  SSIM is the standard one, of the images in [0, 1]; LPIPS unless `lpips` is None."""
+  recon = jnp.clip(recon, -1, 1)  # [B, H, W, 3]
+  out = {"reconstruction": recon, "mse": losses.mse_per_image(recon, images),
+         "ssim": metrics.ssim((recon + 1) / 2, (images + 1) / 2)}
+  if lpips is not None:
+    out["lpips"] = lpips(recon, images)
+  return out
+
+
 def make_functions(model_def: nnx.GraphDef) -> Functions:
   """The compiled (encode, decode, reconstruct, autoencode). A budget is an array argument ([B] ints, 0 = predicted
   length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE."""
@@ -56,14 +71,6 @@ def make_functions(model_def: nnx.GraphDef) -> Functions:
   def decode(params, tokens):
     return nnx.merge(model_def, params).decode(tokens)
 
-  def figures(recon, images, lpips):
-    """Per-image quality [B] of the image a viewer gets: the decoder's output clipped to the valid range."""
-    recon = jnp.clip(recon, -1, 1)  # [B, H, W, 3]
-    out = {"reconstruction": recon, "mse": losses.mse_per_image(recon, images), "ssim": metrics.ssim(recon, images)}
-    if lpips is not None:
-      out["lpips"] = lpips(recon, images)
-    return out
-
   @xla.jit
   def reconstruct(params, lpips, batch, budget, query):
     """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
@@ -74,7 +81,7 @@ def make_functions(model_def: nnx.GraphDef) -> Functions:
     out = figures(model.decode(tokens), images, lpips)
     out.update(lengths=tokens.lengths, features=mean_token(tokens))
     if "boxes" in batch:
-      out["mse_in_boxes"], out["mse_outside_boxes"] = box_mse(out["reconstruction"], images, batch)
+      out.update(box_mse(out["reconstruction"], images, batch))
     return out
 
   @xla.jit

@@ -53,8 +53,11 @@ def _blur_valid(x: jax.Array) -> jax.Array:
   return sum(t * x[:, :, i:i + width] for i, t in enumerate(taps))
 
 
-def ssim(x: jax.Array, y: jax.Array, data_range: float = 2.0) -> jax.Array:
+def ssim(x: jax.Array, y: jax.Array, data_range: float = 1.0) -> jax.Array:
   """[B, H, W, C] x2 -> [B] mean SSIM over pixels and channels, H and W >= 11.
+
+  Give images in [0, 1] with data_range 1, the standard convention: SSIM's constants scale with the range
+  but its luminance term does not follow a shift, so [-1, 1] images with data_range 2 give another number.
 
   The same number as skimage.metrics.structural_similarity(x[i], y[i], gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=data_range, channel_axis=-1). scikit-image filters with reflected

@@ -41,6 +41,7 @@ PAPER_BUDGETS = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # the token counts of
 RFID_UNAVAILABLE = "unavailable: pass --inception PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
 SAMPLE_IMAGES = 4  # rows of reconstructions.png
 QUALITY = ("mse", "ssim", "lpips")  # per-image figures, averaged over the split
+BOX_FIGURES = ("mse_in_boxes", "mse_outside_boxes", "has_outside_pixels")  # Q-DOVE's, per image
 
 
 # -- configuration and model ------------------------------------------------------------------------------
@@ -152,9 +153,14 @@ def quality(per_image: dict[str, np.ndarray]) -> dict:
              "psnr": float(metrics.psnr_from_mse(mse.mean())),  # of the mean MSE
              "psnr_per_image": float(np.mean(metrics.psnr_from_mse(mse))),  # the mean of each image's PSNR
              "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
-  for region in ("in_boxes", "outside_boxes"):
-    if f"mse_{region}" in per_image:
-      figures[f"psnr_{region}"] = float(metrics.psnr_from_mse(per_image[f"mse_{region}"].mean()))
+  if "mse_in_boxes" in per_image:
+    figures["psnr_in_boxes"] = float(metrics.psnr_from_mse(per_image["mse_in_boxes"].mean()))
+    # Only the images with pixels outside their boxes: for the others (no query: the whole image is the box)
+    # there is nothing outside to measure.
+    outside = per_image["has_outside_pixels"].astype(bool)
+    figures["images_with_outside_pixels"] = int(outside.sum())
+    figures["psnr_outside_boxes"] = (float(metrics.psnr_from_mse(per_image["mse_outside_boxes"][outside].mean()))
+                                     if outside.any() else None)
   return figures
 
 
@@ -165,7 +171,7 @@ def query_figures(reconstruction: dict[str, dict]) -> dict:
   return {"mean_length_with_query": with_query["mean_length"], "mean_length_without_query": without["mean_length"],
           "compression": 1 - with_query["mean_length"] / without["mean_length"],
           **{f"{name}_{key}": figures[name] for key, figures in (("with_query", with_query), ("without_query", without))
-             for name in ("psnr_in_boxes", "psnr_outside_boxes")}}
+             for name in ("psnr_in_boxes", "psnr_outside_boxes", "images_with_outside_pixels")}}
 
 
 def length_analysis(lengths: np.ndarray, complexities: dict[str, np.ndarray], max_tokens: int) -> dict:
@@ -224,7 +230,7 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
   `functions.autoencode`, the VQ-GAN alone (key VQGAN; the only one when `dove` is False: a stage-1 run).
 
   Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips;
-  for Q-DOVE mse_in_boxes and mse_outside_boxes) with key PREDICTED, NO_QUERY or str(budget); images holds
+  for Q-DOVE the BOX_FIGURES) with key PREDICTED, NO_QUERY or str(budget); images holds
   [N] laplacian_variance, complexity, label and the [N, D] predicted-length features (without a query);
   samples the first valid inputs (and their queries) and their reconstructions per key; fid the
   FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
@@ -234,7 +240,7 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
   names = ("lengths", *QUALITY)
   if with_queries:
     keys[NO_QUERY] = (0, False)
-    names += ("mse_in_boxes", "mse_outside_boxes")
+    names += BOX_FIGURES
   feature_key = NO_QUERY if with_queries else PREDICTED
   per_image = {key: {name: [] for name in names} for key in keys}
   keys[VQGAN], per_image[VQGAN] = None, {name: [] for name in QUALITY}
@@ -393,7 +399,8 @@ def format_summary(results: dict) -> str:
     rows.append(f"query: mean length {query['mean_length_with_query']:.1f} with, "
                 f"{query['mean_length_without_query']:.1f} without ({100 * query['compression']:.0f}% shorter); "
                 f"PSNR in boxes {query['psnr_in_boxes_with_query']:.2f} dB, outside "
-                f"{query['psnr_outside_boxes_with_query']:.2f} dB")
+                + (f"{outside:.2f} dB" if (outside := query['psnr_outside_boxes_with_query']) is not None
+                   else "- (no image has pixels outside its boxes)"))
   speed = results["throughput"]
   rows.append(f"throughput: encode {speed['encode_images_per_s']:.1f} images/s (in chunks of "
               f"{speed['chunk_size']}: {speed['encode_chunked_images_per_s']:.1f}), decode "

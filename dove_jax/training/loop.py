@@ -346,6 +346,11 @@ class Evaluator:
                  "eval/length_complexity_spearman": float(spearman)}
     if "no_query_lengths" in figures:
       results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
+    if "has_outside_pixels" in figures:  # outside the boxes: only the images that have pixels there
+      outside = figures.pop("has_outside_pixels").astype(bool)
+      figures["mse_outside_boxes"] = figures["mse_outside_boxes"][outside]
+      if not outside.any():
+        figures.pop("mse_outside_boxes")
     results.update({f"eval/{name}": float(values.mean()) for name, values in figures.items()})
     if not self.vqgan_only:  # the quality-versus-tokens curve, at a few forced budgets
       for budget in self.budgets:
