@@ -67,8 +67,8 @@ def main():
     lengths, recon = jax.block_until_ready(reconstruct(state, images, jnp.full((4,), budget, jnp.int32)))
     mse = np.mean((np.asarray(recon) - np.asarray(images)) ** 2, axis=(1, 2, 3))
     label = "predicted" if budget == 0 else f"budget {budget}"
-    print(f"{label:>10}: lengths {np.asarray(lengths).tolist()}  MSE [{', '.join(f'{m:.4f}' for m in np.asarray(mse))}]  "
-          f"({time.perf_counter() - start:.2f} s)")
+    mse_text = ", ".join(f"{m:.4f}" for m in mse)
+    print(f"{label:>10}: lengths {np.asarray(lengths).tolist()}  MSE [{mse_text}]  ({time.perf_counter() - start:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dove_jax import losses, xla
@@ -33,6 +34,12 @@ def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> dict[str, jax.A
   return {"mse_in_boxes": losses.outside_mse(recon, images, ~inside),
           "mse_outside_boxes": losses.outside_mse(recon, images, inside),
           "has_outside_pixels": ~jnp.all(inside, axis=(1, 2))}
+
+
+def measured_outside_mse(figures: dict) -> np.ndarray:
+  """Host side: the outside-box MSEs [M] of the images with pixels outside their boxes (`box_mse`'s
+  figures, [N] each); for the others it is a 0 that measures nothing."""
+  return np.asarray(figures["mse_outside_boxes"])[np.asarray(figures["has_outside_pixels"], bool)]
 
 
 def mean_token(tokens: Tokens) -> jax.Array:

@@ -30,7 +30,7 @@ from flax import nnx
 from dove_jax import xla
 from dove_jax.data import pipeline
 from dove_jax.evaluation import fid, metrics, plots, probe
-from dove_jax.evaluation.functions import make_functions, mean_token, query_inputs
+from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, query_inputs
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
@@ -168,12 +168,9 @@ def quality(per_image: dict[str, np.ndarray]) -> dict:
              "ssim": float(per_image["ssim"].mean()), "lpips": float(per_image["lpips"].mean())}
   if "mse_in_boxes" in per_image:
     figures["psnr_in_boxes"] = float(metrics.psnr_from_mse(per_image["mse_in_boxes"].mean()))
-    # Only the images with pixels outside their boxes: for the others (no query: the whole image is the box)
-    # there is nothing outside to measure.
-    outside = per_image["has_outside_pixels"].astype(bool)
-    figures["images_with_outside_pixels"] = int(outside.sum())
-    figures["psnr_outside_boxes"] = (float(metrics.psnr_from_mse(per_image["mse_outside_boxes"][outside].mean()))
-                                     if outside.any() else None)
+    outside = measured_outside_mse(per_image)  # [M]
+    figures["images_with_outside_pixels"] = len(outside)
+    figures["psnr_outside_boxes"] = float(metrics.psnr_from_mse(outside.mean())) if len(outside) else None
   return figures
 
 

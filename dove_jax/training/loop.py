@@ -25,7 +25,7 @@ from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation import metrics as metrics_lib
-from dove_jax.evaluation.functions import make_functions, query_inputs
+from dove_jax.evaluation.functions import make_functions, measured_outside_mse, query_inputs
 from dove_jax.models import remat
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.models.dove import DOVE
@@ -346,11 +346,11 @@ class Evaluator:
                  "eval/length_complexity_spearman": float(spearman)}
     if "no_query_lengths" in figures:
       results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
-    if "has_outside_pixels" in figures:  # outside the boxes: only the images that have pixels there
-      outside = figures.pop("has_outside_pixels").astype(bool)
-      figures["mse_outside_boxes"] = figures["mse_outside_boxes"][outside]
-      if not outside.any():
-        figures.pop("mse_outside_boxes")
+    if "has_outside_pixels" in figures:
+      outside = measured_outside_mse(figures)
+      del figures["has_outside_pixels"], figures["mse_outside_boxes"]
+      if len(outside):
+        figures["mse_outside_boxes"] = outside
     results.update({f"eval/{name}": float(values.mean()) for name, values in figures.items()})
     if not self.vqgan_only:  # the quality-versus-tokens curve, at a few forced budgets
       for budget in self.budgets:
