@@ -56,6 +56,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.data.name = "imagenet2012"  # the TFDS name, for source="tfds"
   config.data.data_dir = "~/tensorflow_datasets"
   config.data.folder = ""  # an image folder, for source="folder"
+  # The share of a folder's images held out for evaluation, chosen by a hash of each relative path
+  # (dove_jax.data.sources.held_out); 1 = a folder that is only evaluated.
+  config.data.eval_fraction = 0.05
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.global_batch_size = 64

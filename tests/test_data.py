@@ -204,6 +204,43 @@ def test_image_folder_flat_empty_and_mixed(tmp_path):
     sources.ImageFolderSource(flat)
 
 
+def png_folder(root: Path, classes: int = 3, per_class: int = 40) -> Path:
+  """`classes` class folders of `per_class` 8 x 8 PNGs each, every image a different flat colour."""
+  for c in range(classes):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(per_class):
+      (root / f"class{c}" / f"{i:03d}.png").write_bytes(encode(np.full((8, 8, 3), (c, i, 7), np.uint8)))
+  return root
+
+
+def test_folder_split_is_disjoint_covers_the_folder_and_is_the_same_every_time(tmp_path):
+  folder = png_folder(tmp_path)
+  train, held = sources.folder_split(sources.ImageFolderSource(folder), 0.25)
+  paths = lambda part: [part[i]["path"] for i in range(len(part))]
+  train_paths, eval_paths = paths(train), paths(held)
+  assert not set(train_paths) & set(eval_paths)
+  assert sorted(train_paths + eval_paths) == sorted(str(p) for p in folder.rglob("*.png"))
+  assert 15 <= len(eval_paths) <= 45  # about a quarter of 120
+  again_train, again_eval = sources.folder_split(sources.ImageFolderSource(folder), 0.25)
+  assert (paths(again_train), paths(again_eval)) == (train_paths, eval_paths)
+  assert train.classes == held.classes == ["class0", "class1", "class2"]
+  assert {held[i]["label"] for i in range(len(held))} == {0, 1, 2}
+  # A larger fraction only adds images to the held-out part: the hash decides, not the folder's contents.
+  _, more = sources.folder_split(sources.ImageFolderSource(folder), 0.5)
+  assert set(eval_paths) < set(paths(more))
+
+
+def test_folder_split_refuses_a_bad_fraction_and_an_empty_held_out_part(tmp_path):
+  folder = sources.ImageFolderSource(png_folder(tmp_path, classes=1, per_class=3))
+  for fraction in (0, 1.5):
+    with pytest.raises(ValueError, match=r"eval_fraction = .*expected a fraction in \(0, 1\]"):
+      sources.folder_split(folder, fraction)
+  with pytest.raises(ValueError, match="falls in the held-out"):
+    sources.folder_split(folder, 1e-9)
+  train, held = sources.folder_split(folder, 1)  # a folder only evaluated
+  assert (len(train), len(held)) == (0, 3)
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 

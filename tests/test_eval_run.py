@@ -104,3 +104,19 @@ def test_shipped_weights_only_for_the_tiny_model_outside_a_run(run_dir, tmp_path
   assert eval_script.shipped_weights(tiny, str(tmp_path)) is None  # a run that never saved: an error, not these
   tiny.model.token_dim = 8
   assert eval_script.shipped_weights(tiny, str(tmp_path / "empty")) is None  # another model
+
+
+def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
+  from configs import dove
+  from dove_jax.evaluation import run
+  from test_data import png_folder
+  config = dove.get_config("tiny")
+  config.data.source, config.data.folder, config.data.eval_fraction = "folder", str(png_folder(tmp_path)), 0.25
+  train, held = run.data_sources(config)
+  train_paths = {train[i]["path"] for i in range(len(train))}
+  eval_paths = {held[i]["path"] for i in range(len(held))}
+  assert not train_paths & eval_paths and len(train_paths | eval_paths) == 120
+  described = run.describe_data(config, held)
+  assert described["source"] == "folder" and described["folder"] == str(tmp_path)
+  assert described["eval_fraction"] == 0.25 and described["records"] == len(eval_paths)
+  assert described["split"].startswith("held out")

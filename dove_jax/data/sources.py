@@ -6,8 +6,11 @@ Nothing here downloads.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 from absl import logging
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -48,10 +51,10 @@ def _class_folder(relative: Path) -> str | None:
 class ImageFolderSource:
   """Every image under `root` (.jpg, .jpeg, .png, .webp, in nested folders too), sorted by path.
 
-  The label is the index of the image's top-level folder among the sorted top-level folder names, as in
-  ImageNet's `train/n01440764/*.JPEG` layout; a flat folder has label 0 everywhere. Records are
-  {"image_bytes": bytes, "path": str, "label": int}; a file that cannot be read gives empty bytes, which
-  the decode step turns into an invalid example instead of stopping training.
+  The label is the index of the image's top-level folder among the sorted top-level folder names (`classes`),
+  as in ImageNet's `train/n01440764/*.JPEG` layout; a flat folder has label 0 everywhere and no classes.
+  Records are {"image_bytes": bytes, "path": str, "label": int}; a file that cannot be read gives empty
+  bytes, which the decode step turns into an invalid example instead of stopping training.
   """
 
   def __init__(self, root: str | Path):
@@ -68,41 +71,74 @@ class ImageFolderSource:
     self.root = root
     self.classes = sorted(set(class_folders) - {None})
     class_index = {name: index for index, name in enumerate(self.classes)}
-    self._paths = [str(root / p) for p in relative_paths]
-    self._labels = [class_index.get(c, 0) for c in class_folders]
+    self.relative_paths = [p.as_posix() for p in relative_paths]
+    self._labels = np.array([class_index.get(c, 0) for c in class_folders], np.int64)
 
   def __len__(self) -> int:
-    return len(self._paths)
+    return len(self.relative_paths)
 
   def __getitem__(self, index: int) -> dict:
-    path = self._paths[index]
-    return {"image_bytes": read_image_bytes(path), "path": path, "label": self._labels[index]}
+    path = str(self.root / self.relative_paths[index])
+    return {"image_bytes": read_image_bytes(path), "path": path, "label": int(self._labels[index])}
 
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={str(self.root)!r}, images={len(self)}, classes={len(self.classes)})"
 
 
-class Slice:
-  """Records start..stop of a random-access source, as a source of its own."""
+class Subset:
+  """Records `indices` of a random-access source, as a source of its own, with its `classes`."""
 
-  def __init__(self, source, start: int, stop: int):
-    self.source, self.start, self.stop = source, start, stop
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, indices
+    self.classes = class_names(source)
 
   def __len__(self) -> int:
-    return self.stop - self.start
+    return len(self.indices)
 
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {self!r}")
-    return self.source[self.start + index]
+    return self.source[int(self.indices[index])]
 
   def __repr__(self) -> str:
-    return f"Slice({self.source!r}, {self.start}, {self.stop})"
+    return f"Subset({self.source!r}, {len(self)} records)"
 
 
-def split_off(source, eval_size: int) -> tuple[Slice, Slice]:
+def class_names(source) -> list[str] | None:
+  """The names of a source's labels 0..K-1: a TFDS ClassLabel's names, an image folder's class folders;
+  None where the source does not name them."""
+  if hasattr(source, "classes"):
+    return source.classes
+  info = getattr(source, "dataset_info", None)
+  if info is not None and "label" in info.features:
+    return list(info.features["label"].names)
+  return None
+
+
+def split_off(source, eval_size: int) -> tuple[Subset, Subset]:
   """(train, eval): the last `eval_size` records are held out for evaluation (for a set with one split)."""
   if not 0 < eval_size < len(source):
     raise ValueError(f"config.data.eval_size = {eval_size}; expected 1..{len(source) - 1} for {source!r}")
   cut = len(source) - eval_size
-  return Slice(source, 0, cut), Slice(source, cut, len(source))
+  return Subset(source, range(cut)), Subset(source, range(cut, len(source)))
+
+
+def held_out(relative_path: str, eval_fraction: float) -> bool:
+  """Whether an image belongs to a folder's held-out part: the first 8 bytes of the SHA-256 of its relative
+  path (POSIX separators), read as a fraction of 2^64, fall below `eval_fraction`. Depends on nothing but the
+  path, so every run and machine splits a folder alike, and adding images never moves the others."""
+  digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
+
+
+def folder_split(folder: ImageFolderSource, eval_fraction: float) -> tuple[Subset, Subset]:
+  """(train, eval) parts of an image folder, disjoint and together the whole folder: about `eval_fraction`
+  of the images are held out (`held_out`). 1 holds out every image (a folder only evaluated, never trained
+  on). Raises ValueError for a fraction outside (0, 1] or an empty held-out part."""
+  if not 0 < eval_fraction <= 1:
+    raise ValueError(f"config.data.eval_fraction = {eval_fraction}; expected a fraction in (0, 1]")
+  is_eval = np.array([held_out(path, eval_fraction) for path in folder.relative_paths], bool)
+  if not is_eval.any():
+    raise ValueError(f"no image of {folder!r} falls in the held-out {eval_fraction:.1%}; raise "
+                     "config.data.eval_fraction")
+  return Subset(folder, np.flatnonzero(~is_eval)), Subset(folder, np.flatnonzero(is_eval))

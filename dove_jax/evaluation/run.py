@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 
 from dove_jax import xla
-from dove_jax.data import pipeline
+from dove_jax.data import pipeline, sources
 from dove_jax.evaluation import fid, metrics, plots, probe
 from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, query_inputs
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
@@ -107,6 +107,33 @@ def default_budgets(max_tokens: int) -> list[int]:
 
 # -- data -------------------------------------------------------------------------------------------------
 
+def data_sources(config: ml_collections.ConfigDict):
+  """(train, eval) sources: the configured data set's splits; an image folder's eval part is its held-out
+  images and its train part the rest (`sources.folder_split`, by config.data.eval_fraction)."""
+  if config.data.source != "folder":
+    return loop.data_sources(config)
+  if "eval_fraction" not in config.data:
+    raise ValueError("config.data has no eval_fraction (a config written before image folders were split); "
+                     "evaluate with --config configs/dove.py and the run's settings")
+  folder = sources.ImageFolderSource(Path(config.data.folder).expanduser())
+  return sources.folder_split(folder, config.data.eval_fraction)
+
+
+def describe_data(config: ml_collections.ConfigDict, eval_source) -> dict:
+  """What was evaluated, for metrics.json: the data set, which part of it, and its number of records."""
+  data = config.data
+  if data.source == "folder":
+    part = {"folder": str(Path(data.folder).expanduser().absolute()), "eval_fraction": data.eval_fraction,
+            "split": "held out: the images whose SHA-256 of their relative path, as a fraction of its range, "
+                     "is below eval_fraction (sources.held_out)",
+            "train_split": "the folder's other images"}
+  elif data.source == "visual_genome":
+    part = {"folder": str(Path(data.folder).expanduser().absolute()),
+            "split": f"held out: the last {data.eval_size} images", "train_split": "the images before them"}
+  else:
+    part = {"name": data.name, "split": data.eval_split, "train_split": data.train_split}
+  return {"source": data.source, **part, "records": len(eval_source)}
+
 def batches(source, config: ml_collections.ConfigDict, max_batches: int | None = None):
   """(iterator, count): `source` in order, centre-cropped, padded to whole batches; at most `max_batches`."""
   batch_size = config.data.global_batch_size
@@ -133,11 +160,8 @@ def token_features(encode, params, data, count: int | None = None, desc: str = "
 
 
 def num_classes(source, *labels: np.ndarray) -> int:
-  """From the data set's TFDS label feature where it has one, else the largest label seen + 1."""
-  info = getattr(source, "dataset_info", None)
-  if info is not None and "label" in info.features:
-    return int(info.features["label"].num_classes)
-  return int(max(label.max() for label in labels)) + 1
+  """From the names of the source's classes where it has them, else the largest label seen + 1."""
+  return len(sources.class_names(source) or ()) or int(max(label.max() for label in labels)) + 1
 
 
 # -- figures from per-image arrays ------------------------------------------------------------------------
@@ -199,6 +223,10 @@ def probe_figures(encode, params, config, train_source, train_batches: int, eval
                   eval_labels: np.ndarray) -> dict:
   """Linear-probe accuracy of the mean token: fitted on `train_batches` batches of `train_source`,
   evaluated on the given validation features [N, D] and labels [N]."""
+  if not len(train_source):
+    return {"num_classes": num_classes(train_source, eval_labels), "train_images": 0,
+            "eval_images": len(eval_labels),
+            "accuracy": "unavailable: the data set has no training images (config.data.eval_fraction = 1)"}
   train_features, train_labels = token_features(encode, params, *batches(train_source, config, train_batches),
                                                 desc="probe features")
   classes = num_classes(train_source, train_labels, eval_labels)
@@ -318,7 +346,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   out = Path(out) if out else Path(workdir) / "eval"
   model_def, params = nnx.split(model)
   functions = make_functions(model_def)
-  train_source, eval_source = loop.data_sources(config)
+  train_source, eval_source = data_sources(config)
 
   data, count = batches(eval_source, config, max_batches)
   with_queries = "query" in config
@@ -332,9 +360,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
         fid_stats[key].covariance())
   results = {
       "model": origin,
-      "settings": {"data": {"source": config.data.source, "name": config.data.name,
-                            "split": config.data.eval_split, "train_split": config.data.train_split},
-                   "num_images": len(per_image[VQGAN]["mse"]), "budgets": budgets if dove else [],
+      "settings": {"data": describe_data(config, eval_source), "num_images": len(per_image[VQGAN]["mse"]),
+                   "budgets": budgets if dove else [],
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
                    "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
