@@ -28,6 +28,8 @@ _BUDGETS = flags.DEFINE_list("budgets", None, "forced token counts, e.g. 32,64,2
                              "16..256 up to max_tokens; eighths of max_tokens below 64)")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "validation batches (default: the whole split)")
 _PROBE_BATCHES = flags.DEFINE_integer("probe_train_batches", 100, "train batches the linear probe is fitted on")
+_CLASS_SUBSET = flags.DEFINE_string("class_subset", None, "a file of class names or ids, one a line: evaluate and "
+                                   "probe only those classes (configs/imagenet100.txt: ImageNet-100)")
 _UINT8 = flags.DEFINE_bool("uint8", True, "round reconstructions to 8 bits before every figure, as image files "
                            "(pytorch-fid's FID is of saved PNGs); --nouint8 keeps them in float")
 _OUT = flags.DEFINE_string("out", None, "where metrics.json and the plots go (default: workdir/eval)")
@@ -75,7 +77,8 @@ def main(argv):
     results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=weights,
                            budgets=[int(b) for b in _BUDGETS.value] if _BUDGETS.value else None,
                            inception=_INCEPTION.value, probe_train_batches=_PROBE_BATCHES.value,
-                           max_batches=_MAX_BATCHES.value, out=_OUT.value, uint8=_UINT8.value)
+                           max_batches=_MAX_BATCHES.value, out=_OUT.value, uint8=_UINT8.value,
+                           class_subset=_CLASS_SUBSET.value)
   except ConversionError as e:  # the loaders name every parameter that differs, with both shapes
     sys.exit(f"eval.py: {e}\nThe config must be the one the weights were trained with (without --config, "
              "eval.py reads workdir/config.json).")

@@ -241,6 +241,50 @@ def test_folder_split_refuses_a_bad_fraction_and_an_empty_held_out_part(tmp_path
   assert (len(train), len(held)) == (0, 3)
 
 
+def test_record_labels_reads_every_label_without_decoding_images(shapes):
+  _, validation = shapes
+  np.testing.assert_array_equal(sources.record_labels(validation),
+                                [validation[i]["label"] for i in range(len(validation))])
+
+
+def test_class_subset_selects_exactly_the_listed_classes_relabelled_in_list_order(shapes, tmp_path):
+  _, validation = shapes
+  listed = tmp_path / "classes.txt"
+  listed.write_text("# three of dove_shapes' classes\ncircle\n\nsquare  # by name\n7\n")  # 7: hexagon, by id
+  subset = sources.class_subset(validation, listed)
+  assert subset.classes == ["circle", "square", "hexagon"]
+  original = sources.record_labels(validation)  # [128]
+  wanted = [builtin.LABELS.index(name) for name in subset.classes]
+  np.testing.assert_array_equal(subset.indices, np.flatnonzero(np.isin(original, wanted)))
+  assert 0 < len(subset) < len(validation)
+  records = [subset[i] for i in range(len(subset))]
+  np.testing.assert_array_equal([r["label"] for r in records], [wanted.index(original[i]) for i in subset.indices])
+  np.testing.assert_array_equal(subset.labels(), [r["label"] for r in records])
+  np.testing.assert_array_equal(records[0]["image"], validation[int(subset.indices[0])]["image"])
+
+
+@pytest.mark.parametrize("lines, message", [("circle\nhexagonal\n", "unknown class 'hexagonal'"),
+                                            ("10\n", "unknown class '10'"),
+                                            ("circle\n3\n", "class '3' is listed twice"),
+                                            ("# nothing\n", "lists no class")])
+def test_class_subset_names_the_file_and_the_bad_entry(shapes, tmp_path, lines, message):
+  _, validation = shapes
+  listed = tmp_path / "classes.txt"
+  listed.write_text(lines)
+  with pytest.raises(ValueError) as error:
+    sources.class_subset(validation, listed)
+  assert str(error.value).startswith(f"{listed}: ") and message in str(error.value), error.value
+
+
+def test_imagenet100_list_is_100_distinct_imagenet_classes():
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+  imagenet = Path(imagenet_common.label_names_file()).read_text().split()
+  listed = sources.read_class_list(REPO / "configs" / "imagenet100.txt")
+  assert len(listed) == len(set(listed)) == 100 and set(listed) <= set(imagenet)
+  assert listed[:3] == ["n02869837", "n01749939", "n02488291"]  # CMC's order
+  assert sources.class_ids(listed, imagenet, "imagenet100.txt") == [imagenet.index(c) for c in listed]
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 

@@ -122,3 +122,20 @@ def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
   assert described["source"] == "folder" and described["folder"] == str(tmp_path)
   assert described["eval_fraction"] == 0.25 and described["records"] == len(eval_paths)
   assert described["split"].startswith("held out")
+
+
+def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_path):
+  from configs import dove
+  from dove_jax.data import sources
+  from dove_jax.evaluation import run
+  config = dove.get_config("tiny")
+  config.data.data_dir = str(data_dir)
+  listed = tmp_path / "shapes.txt"
+  listed.write_text("ring\ncircle\n")
+  train, held = run.data_sources(config, str(listed))
+  for part in (train, held):
+    assert part.classes == ["ring", "circle"] and set(part.labels()) == {0, 1}
+    assert set(sources.record_labels(part.source)[part.indices]) == {8, 3}  # dove_shapes' ids of the two
+  described = run.describe_data(config, held, str(listed))
+  assert described["class_subset"] == {"file": str(listed), "classes": ["ring", "circle"]}
+  assert described["records"] == len(held) and described["split"] == "validation"

