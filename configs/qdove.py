@@ -26,6 +26,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.query.drop_rate = 0.5  # the fraction of queries dropped in training (the image is the box)
     config.query.outside_weight = 1e-10  # lambda_o: the MSE outside every box
     config.query.crop_size = 256  # each box is resampled to this size for L_rec (MSE, LPIPS, GAN)
+    # The EOS threshold: "shared", the paper's mean L_rec of every image's relevant region; or "region": an
+    # image with its query stops once its boxes are as good as images without their query get them.
+    config.query.threshold = "shared"
     config.model.query_vocab_size = 50304  # Pythia-70M's embedding rows (its tokenizer has 50277 tokens)
 
     config.data.source = "visual_genome"
@@ -45,5 +48,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
       config.init.weights = str(dove.SHIPPED / "tiny" / "dove.safetensors")
       config.loss.eos_weight_kind = "constant"
       config.optim.learning_rate = 1e-3  # a fine-tune: the DOVE's own rate would first undo some of it
+      # The built-in data's boxes hold its textured shapes, harder than the flat backgrounds around them: with
+      # one shared threshold a query lengthens the sequence (docs/fidelity.md).
+      config.query.threshold = "region"
   config.lock()
   return config

@@ -64,13 +64,19 @@ def nonempty(boxes: np.ndarray) -> np.ndarray:
 
 # -- device side: masks and crops -------------------------------------------------------------------------
 
+def has_query_boxes(box_mask: jax.Array, query_mask: jax.Array) -> jax.Array:
+  """box_mask [B, K], query_mask [B, Q] bool -> [B] bool: the image has a query (a token that is not padding)
+  and a valid box for it, so its relevant region is its boxes rather than the whole image."""
+  return jnp.any(query_mask, axis=1) & jnp.any(box_mask, axis=1)
+
+
 def relevant_boxes(boxes: jax.Array, box_mask: jax.Array, query_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The boxes the query loss uses: those given, or the whole image where the query is empty (every token
   padding, e.g. a dropped query) or has no valid box.
 
   boxes [B, K, 4], box_mask [B, K] bool, query_mask [B, Q] bool -> (boxes [B, K, 4], box_mask [B, K]).
   """
-  whole = ~jnp.any(query_mask, axis=1) | ~jnp.any(box_mask, axis=1)  # [B]
+  whole = ~has_query_boxes(box_mask, query_mask)  # [B]
   first = jnp.arange(boxes.shape[1]) == 0  # [K]
   whole_boxes = jnp.where(first[:, None], jnp.asarray(WHOLE_IMAGE, boxes.dtype), boxes)  # [K, 4] per image
   boxes = jnp.where(whole[:, None, None], whole_boxes, boxes)

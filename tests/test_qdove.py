@@ -160,33 +160,54 @@ def test_outside_mse_counts_only_pixels_outside():
 
 
 def test_query_objective_of_the_whole_image_box_is_plain_l_rec():
-  """An empty query's L_qry is DOVE's L_rec (crop = the image) + lambda_o * 0; a box's L_rec is its crop's."""
+  """An empty or dropped query's L_qry is DOVE's L_rec + lambda_o * 0; a kept box's L_rec is its crop's. The
+  region figure is the box's L_rec whether the query was kept or dropped."""
   from ml_collections import ConfigDict
   from dove_jax.training.step import query_objective
-  recon, target = jax.random.uniform(jax.random.key(1), (2, 2, 16, 16, 3), minval=-1, maxval=1)
+  recon, target = jax.random.uniform(jax.random.key(1), (2, 3, 16, 16, 3), minval=-1, maxval=1)
 
   def rec_terms(a, b):
     mse = losses.mse_per_image(a, b)
     return dict(rec=mse, mse=mse)
 
-  batch = {"boxes": jnp.array([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]] * 2),
-           "box_mask": jnp.array([[True, False]] * 2), "query_mask": jnp.array([[True], [False]])}
-  region, region_mask = boxes.relevant_boxes(batch["boxes"], batch["box_mask"], batch["query_mask"])
+  # Image 0 keeps its query, image 1 has none, image 2's was dropped.
+  batch = {"boxes": jnp.array([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]] * 3),
+           "box_mask": jnp.array([[True, False]] * 3), "query_mask": jnp.array([[True], [False], [True]])}
+  kept = jnp.array([True, False, False])
 
   def objective_at(crop_size):
-    return query_objective(rec_terms, recon, target, dict(boxes=region, box_mask=region_mask),
+    return query_objective(rec_terms, recon, target, batch, kept,
                            ConfigDict(dict(crop_size=crop_size, outside_weight=0.5)))
 
-  terms, objective = objective_at(16)  # the image's size: the whole-image crop is the image itself
   whole = losses.mse_per_image(recon, target)
-  np.testing.assert_allclose(terms["rec"][1], whole[1], rtol=1e-5)  # the empty query
-  assert float(terms["outside_mse"][1]) == 0.0 and float(objective[1]) == pytest.approx(float(whole[1]), rel=1e-5)
-  terms, objective = objective_at(8)  # the box's size: its crop is its pixels
   quarter = losses.mse_per_image(recon[:, :8, :8], target[:, :8, :8])
-  outside = losses.outside_mse(recon, target, jnp.zeros((2, 16, 16), bool).at[:, :8, :8].set(True))
-  np.testing.assert_allclose(terms["rec"][0], quarter[0], rtol=1e-5)
-  np.testing.assert_allclose(terms["outside_mse"][0], outside[0], rtol=1e-6)
-  np.testing.assert_allclose(objective[0], terms["rec"][0] + 0.5 * outside[0], rtol=1e-6)
+  outside = losses.outside_mse(recon, target, jnp.zeros((3, 16, 16), bool).at[:, :8, :8].set(True))
+  terms, objective, region_rec = objective_at(8)  # the box's size: its crop is its pixels
+  np.testing.assert_allclose(terms["rec"], [quarter[0], whole[1], whole[2]], rtol=1e-5)
+  np.testing.assert_allclose(terms["outside_mse"], [outside[0], 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(objective, terms["rec"] + 0.5 * terms["outside_mse"], rtol=1e-6)
+  np.testing.assert_allclose(region_rec[jnp.array([0, 2])], quarter[jnp.array([0, 2])], rtol=1e-5)  # dropped too
+  _, _, region_rec = objective_at(16)  # the image's size: the whole-image crop is the image itself
+  np.testing.assert_allclose(region_rec[1], whole[1], rtol=1e-5)  # no query: the whole image is its region
+
+
+def test_region_threshold_records_only_images_without_their_query():
+  """query.threshold = "region": an image trained with its query records nothing, however large its loss;
+  the images without theirs record their whole-image L_rec, and their boxes' L_rec where they have a query."""
+  from dove_jax.training.step import threshold_records
+  rec = jnp.array([1e6, 0.2, 0.4, 0.6, 1e6])  # [B]; images 0 and 4 keep their queries
+  region_rec = jnp.array([1e6, 0.3, 0.5, 9.0, 1e6])
+  own_length = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])
+  query = dict(kept=jnp.array([True, False, False, False, True]),
+               has_boxes=jnp.array([True, True, True, False, True]))  # image 3 has no query of its own
+  records = threshold_records(rec, own_length, query, region_rec)
+  buffers = {name: losses.threshold_update(losses.threshold_buffer(4), *record) for name, record in records.items()}
+  assert float(losses.threshold_value(buffers["eos_threshold"])) == pytest.approx(0.4)  # images 1, 2, 3
+  assert float(losses.threshold_value(buffers["region_threshold"])) == pytest.approx(0.4)  # images 1, 2
+  # "shared" (the paper): one threshold over every image at its own length, queried or not.
+  shared = threshold_records(rec, own_length, query, None)
+  assert set(shared) == {"eos_threshold"}
+  np.testing.assert_array_equal(shared["eos_threshold"][1], own_length)
 
 
 # -- the query input step ---------------------------------------------------------------------------------
@@ -281,15 +302,17 @@ def test_query_config_errors_fail_before_any_compute(tmp_path):
 def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path, builtin_data_dir):
   data_dir = builtin_data_dir
   run = tmp_path / "run"
-  result = python(["train.py", "--config", "configs/qdove.py:tiny", f"--workdir={run}",
-                   "--config.train.num_steps=3", "--config.train.log_every=1", f"--config.data.data_dir={data_dir}",
-                   "--config.data.global_batch_size=8",
-                   "--config.train.eval_batches=1", "--config.loss.lpips_weight=0"])
+  train = ["train.py", "--config", "configs/qdove.py:tiny", f"--workdir={run}", "--config.train.log_every=1",
+           f"--config.data.data_dir={data_dir}", "--config.data.global_batch_size=8",
+           "--config.train.eval_batches=1", "--config.loss.lpips_weight=0"]
+  result = python(train + ["--config.train.num_steps=3"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert (run / "checkpoints" / "3").is_dir()
-  for name in ("train/rec", "train/outside_mse", "train/query_kept", "train/eos", "eval/length_mean_no_query",
-               "eval/mse_in_boxes", "eval/mse_outside_boxes"):
+  for name in ("train/rec", "train/outside_mse", "train/query_kept", "train/eos", "train/region_threshold",
+               "eval/length_mean_no_query", "eval/mse_in_boxes", "eval/mse_outside_boxes"):
     assert name in result.stderr, f"{name} not logged"
+  result = python(train + ["--config.train.num_steps=4"])  # resumes with both threshold buffers
+  assert result.returncode == 0 and "resuming from step 3" in result.stderr, result.stderr[-3000:]
 
   result = python(["eval.py", f"--workdir={run}", "--max_batches=2", "--probe_train_batches=2",
                    f"--config.data.data_dir={data_dir}"])

@@ -35,6 +35,7 @@ from dove_jax.weights import load_weights
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
 OBJECTIVES = ("dove", "vqgan")  # what the train step optimises: DOVE, or its VQ-GAN alone (stage 1)
+QUERY_THRESHOLDS = ("shared", "region")  # Q-DOVE's EOS threshold (dove_jax.training.step)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -45,6 +46,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
              "model.remat": (config.model.remat, tuple(remat.POLICIES)),
              "train.objective": (config.train.objective, OBJECTIVES)}
+  if "query" in config:
+    choices["query.threshold"] = (config.query.threshold, QUERY_THRESHOLDS)
   for field, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"config.{field} = {value!r}; expected one of {allowed}")
@@ -212,7 +215,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
   disc_tx = statelib.optimizer(optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0,
                                grad_clip=optim.grad_clip)
   state = statelib.create_state(params, disc_params, tx, disc_tx,
-                                threshold_window=config.loss.threshold_window, seed=config.seed)
+                                threshold_window=config.loss.threshold_window, seed=config.seed,
+                                region_threshold="query" in config and config.query.threshold == "region")
   shardings = meshlib.state_shardings(mesh, state)
   step = xla.jit(make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
                  in_shardings=(shardings, meshlib.batch_sharding(mesh), None), out_shardings=(shardings, None),

@@ -18,6 +18,9 @@ class TrainState:
   disc_opt_state: optax.OptState
   eos_threshold: dict  # ring buffer of the last batches' mean L_rec (losses.threshold_buffer)
   rng: jax.Array  # [2] uint32: raw key data, so a checkpoint holds plain integers
+  # Q-DOVE with query.threshold = "region": the same buffer for the L_rec that images without their query
+  # reach on its boxes (None otherwise).
+  region_threshold: dict | None = None
 
 
 def param_path(path) -> str:
@@ -60,8 +63,10 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
                                             end_value=final_fraction * peak)
 
 
-def create_state(params, disc_params, tx, disc_tx, *, threshold_window: int, seed: int) -> TrainState:
+def create_state(params, disc_params, tx, disc_tx, *, threshold_window: int, seed: int,
+                 region_threshold: bool = False) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
                     eos_threshold=losses.threshold_buffer(threshold_window),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    region_threshold=losses.threshold_buffer(threshold_window) if region_threshold else None)

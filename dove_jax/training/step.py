@@ -8,6 +8,10 @@ see the images at their own length.
 
 Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
 judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
+Its EOS threshold (`query.threshold`) is either the paper's one mean over every image's relevant region
+("shared"), or two ("region"): an image without its query is judged against the whole-image threshold, and one
+with its query against the loss the images without theirs reach on their query's boxes. The second asks a
+query to stop once its boxes are as good as they would be without it: the tokens it saves are the compression.
 
 Stage 1 (`train.objective = "vqgan"`, configs/vqgan.py) trains the VQ-GAN alone as an autoencoder: L_rec of
 its reconstruction through the codebook plus the quantizer's loss; no tokens, no EOS.
@@ -78,6 +82,21 @@ def own_length_weights(budget: jax.Array, valid: jax.Array) -> jax.Array:
   return (budget == 0).astype(jnp.float32) * valid
 
 
+def threshold_records(rec: jax.Array, own_length: jax.Array, query: dict, region_rec: jax.Array | None) -> dict:
+  """What each threshold buffer records this step: {state field: (L_rec [B], weights [B])}.
+
+  One threshold (DOVE, and Q-DOVE's "shared"): every image at its own length, judged on its relevant region.
+  With `region_rec` (Q-DOVE's "region": [B] L_rec on the query's boxes), only the images at their own length
+  without their query: their whole-image L_rec for the whole-image threshold, and, where they have a query
+  with a box, what they reach on its boxes for the region threshold. An image with its query records neither,
+  however well or badly it does: what it is compared with must not depend on it.
+  """
+  if region_rec is None:
+    return dict(eos_threshold=(rec, own_length))
+  without_query = own_length * ~query["kept"]
+  return dict(eos_threshold=(rec, without_query), region_threshold=(region_rec, without_query * query["has_boxes"]))
+
+
 def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, learning_rate: optax.Schedule):
   """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
@@ -90,6 +109,7 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
                                           warmup_steps=loss_cfg.eos_weight_steps, kind=loss_cfg.eos_weight_kind)
   max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
   query_cfg = config.get("query")
+  region_threshold = query_cfg is not None and query_cfg.threshold == "region"
   frozen = tuple(config.optim.freeze)
   vqgan_only = config.train.objective == "vqgan"
   use_gan = loss_cfg.gan_weight > 0  # with weight 0 the discriminator neither judges nor trains
@@ -101,7 +121,7 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction,
                             loss_cfg.random_length_power)
     own_length = own_length_weights(budget, valid)  # [B]
-    threshold = losses.threshold_value(state.eos_threshold)
+    threshold = losses.threshold_value(state.eos_threshold)  # [], the whole image's
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
     discriminator = nnx.merge(disc_def, state.disc_params)
     query = {}
@@ -125,19 +145,24 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       total = loss_cfg.rec_weight * weighted_mean(terms["rec"], valid) + loss_cfg.vq_weight * vq.loss
       logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
                     vq=vq.loss, code_usage=vq.code_usage)
-      return total, (logged, recon, terms["rec"], jnp.zeros_like(valid))
+      return total, (logged, recon, dict(eos_threshold=(terms["rec"], jnp.zeros_like(valid))))
 
     def loss_fn(params):
       model = nnx.merge(model_def, constants_under(params, frozen))
       out = model(images, budget, batch.get("query_ids"), query.get("query_mask"))
       recon = out.reconstruction
+      region_rec = None
       if query_cfg is None:
         terms = rec_terms(recon, images)
         objective = terms["rec"]
       else:
-        terms, objective = query_objective(rec_terms, recon, images, query, query_cfg)
+        terms, objective, region_rec = query_objective(rec_terms, recon, images, batch, query["kept"], query_cfg)
+      records = threshold_records(terms["rec"], own_length, query, region_rec if region_threshold else None)
       # The EOS loss and its threshold see L_rec of the relevant region only (the whole image for DOVE).
-      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, terms["rec"], threshold)
+      image_threshold = threshold  # [] or [B]: an image with its query may be judged on the region threshold
+      if region_threshold:
+        image_threshold = jnp.where(query["kept"], losses.threshold_value(state.region_threshold), threshold)
+      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, terms["rec"], image_threshold)
       lambda_eos = eos_weight(state.step)
       total = batch_loss(objective, l_eos, valid, own_length, rec_weight=loss_cfg.rec_weight, lambda_eos=lambda_eos)
       vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
@@ -146,11 +171,11 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
                     eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos,
                     eos_threshold=threshold, **length_metrics(predicted, valid, max_tokens))
-      return total, (logged, recon, terms["rec"], own_length)
+      if region_threshold:
+        logged["region_threshold"] = losses.threshold_value(state.region_threshold)
+      return total, (logged, recon, records)
 
-    # rec: [B] the L_rec each image's L_eos compared with the threshold; the threshold records the images
-    # of weight > 0 in rec_weights.
-    (_, (terms, recon, rec, rec_weights)), grads = jax.value_and_grad(
+    (_, (terms, recon, records)), grads = jax.value_and_grad(
         vqgan_loss_fn if vqgan_only else loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -171,11 +196,10 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     metrics = dict(**terms, disc=disc_loss, grad_norm=optax.global_norm(grads),
                    learning_rate=learning_rate(state.step))
     if query:
-      metrics["query_kept"] = weighted_mean(jnp.any(query["query_mask"], axis=1).astype(jnp.float32), valid)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
-        disc_opt_state=disc_opt_state,
-        eos_threshold=losses.threshold_update(state.eos_threshold, rec, rec_weights))
+      metrics["query_kept"] = weighted_mean(query["kept"].astype(jnp.float32), valid)
+    buffers = {name: losses.threshold_update(getattr(state, name), *record) for name, record in records.items()}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+                              disc_opt_state=disc_opt_state, **buffers)
     return new_state, metrics
 
   return train_step
@@ -183,28 +207,37 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
 
 def drop_queries(rng: jax.Array, batch: dict, drop_rate: float) -> dict:
   """Empties each image's query with probability `drop_rate` (Q-DOVE trains half its images without one);
-  an emptied query's relevant region becomes the whole image. -> {query_mask, boxes, box_mask}."""
+  an emptied query's relevant region becomes the whole image.
+
+  -> {query_mask [B, Q]: the query the generator reads; kept [B] bool: the image trains with its query's
+  boxes; has_boxes [B] bool: it has a query with a box, kept or not}.
+  """
   drop = jax.random.uniform(rng, batch["query_mask"].shape[:1]) < drop_rate  # [B]
   query_mask = batch["query_mask"] & ~drop[:, None]  # [B, Q]
-  region, region_mask = boxes.relevant_boxes(batch["boxes"], batch["box_mask"], query_mask)
-  return dict(query_mask=query_mask, boxes=region, box_mask=region_mask)
+  return dict(query_mask=query_mask, kept=boxes.has_query_boxes(batch["box_mask"], query_mask),
+              has_boxes=boxes.has_query_boxes(batch["box_mask"], batch["query_mask"]))
 
 
-def query_objective(rec_terms, recon: jax.Array, images: jax.Array, query: dict, query_cfg):
+def query_objective(rec_terms, recon: jax.Array, images: jax.Array, batch: dict, kept: jax.Array, query_cfg):
   """Q-DOVE's L_qry per image: L_rec on each box's crop (resampled to `crop_size`), averaged over the
-  image's boxes, plus `outside_weight` (lambda_o) times the MSE outside every box.
+  image's boxes, plus `outside_weight` (lambda_o) times the MSE outside every box; for an image whose query
+  was dropped (`kept` [B] False), the whole image's L_rec.
 
-  Returns (terms, objective): the per-image parts of the relevant-region L_rec (each a [B] mean over boxes)
-  plus outside_mse, and L_qry [B].
+  Returns (terms, objective, region_rec): the per-image parts of the relevant region's L_rec ([B] each) plus
+  outside_mse; L_qry [B]; and [B] L_rec on the query's boxes whether the query was kept or not (what an image
+  without its query reaches there: the "region" threshold).
   """
   b, height, width, _ = images.shape
-  k, size = query["boxes"].shape[1], query_cfg.crop_size
+  region, region_mask = boxes.relevant_boxes(batch["boxes"], batch["box_mask"], batch["query_mask"])
+  k, size = region.shape[1], query_cfg.crop_size
 
   def crops(x):  # [B, H, W, 3] -> [B * K, size, size, 3]
-    return boxes.crop_and_resize(x, query["boxes"], size).reshape(b * k, size, size, x.shape[-1])
+    return boxes.crop_and_resize(x, region, size).reshape(b * k, size, size, x.shape[-1])
 
   per_box = rec_terms(crops(recon), crops(images))  # [B * K] each
-  terms = {name: losses.mean_over_boxes(value.reshape(b, k), query["box_mask"]) for name, value in per_box.items()}
-  inside = boxes.union_mask(query["boxes"], query["box_mask"], height, width)  # [B, H, W]
+  in_boxes = {name: losses.mean_over_boxes(value.reshape(b, k), region_mask) for name, value in per_box.items()}
+  whole = rec_terms(recon, images)  # [B] each
+  terms = {name: jnp.where(kept, in_boxes[name], whole[name]) for name in whole}
+  inside = boxes.union_mask(region, region_mask, height, width) | ~kept[:, None, None]  # [B, H, W]
   terms["outside_mse"] = losses.outside_mse(recon, images, inside)
-  return terms, terms["rec"] + query_cfg.outside_weight * terms["outside_mse"]
+  return terms, terms["rec"] + query_cfg.outside_weight * terms["outside_mse"], in_boxes["rec"]
