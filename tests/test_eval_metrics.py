@@ -2,6 +2,7 @@
 the Frechet distance (against a direct SciPy computation), pytorch-fid's Inception (parity with a PyTorch
 re-implementation of its blocks, random weights) and the linear probe."""
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -410,6 +411,60 @@ def test_linear_probe_is_at_chance_on_random_labels():
   result = linear_probe(train_x, train_y, eval_x, eval_y, num_classes=5)
   assert abs(result["accuracy"] - 0.2) < 0.05  # 5 standard errors
   assert result["train_accuracy"] > result["accuracy"]  # it fits noise it cannot generalise
+
+
+# --- cached reference statistics -------------------------------------------------------------------------
+
+@pytest.fixture
+def counted_inception(monkeypatch):
+  """fid.inception_features replaced by per-channel means and spreads [B, 6], with a count of its calls."""
+  calls = []
+
+  def features(model, images):
+    calls.append(len(images))
+    return jnp.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2))], axis=-1)
+
+  monkeypatch.setattr(fid, "inception_features", features)
+  return calls
+
+
+def real_batches() -> list[dict]:
+  return [{"image": random_images(seed, (4, 8, 8, 3)), "valid": np.array([True, True, True, seed == 0])}
+          for seed in range(3)]
+
+
+def test_reference_statistics_are_computed_once_then_read_from_the_cache(counted_inception, tmp_path):
+  from dove_jax.evaluation import reference
+  weights = tmp_path / "inception.pth"
+  weights.write_bytes(b"weights")
+  key = reference.reference_key({"source": "tfds", "name": "imagenet2012", "split": "validation"}, 12, 256,
+                                True, weights)
+  first, path, reused = reference.reference_statistics(tmp_path / "cache", key, None, real_batches())
+  assert counted_inception == [4, 4, 4] and not reused and path.parent == tmp_path / "cache"
+  assert first.count == 10  # the invalid images left out
+  again, same_path, reused = reference.reference_statistics(tmp_path / "cache", key, None, real_batches())
+  assert counted_inception == [4, 4, 4] and reused and same_path == path  # Inception did not run again
+  np.testing.assert_array_equal(again.mean(), first.mean())
+  np.testing.assert_array_equal(again.covariance(), first.covariance())
+
+  fewer = {**key, "images": 8}  # another key: computed anew, into another file
+  _, other_path, reused = reference.reference_statistics(tmp_path / "cache", fewer, None, real_batches()[:2])
+  assert counted_inception == [4, 4, 4, 4, 4] and not reused and other_path != path
+
+  other_path.replace(path)  # a file that holds another key's statistics is refused, never read
+  with pytest.raises(ValueError, match="holds the reference statistics of .*not of .*delete it"):
+    reference.reference_statistics(tmp_path / "cache", key, None, real_batches())
+
+
+def test_reference_key_names_all_the_statistics_depend_on(tmp_path):
+  from dove_jax.evaluation import reference
+  weights = tmp_path / "inception.pth"
+  weights.write_bytes(b"weights")
+  data = {"source": "tfds", "name": "imagenet2012", "split": "validation",
+          "class_subset": {"file": "configs/imagenet100.txt", "classes": ["n02869837"]}, "records": 50}
+  key = reference.reference_key(data, 50, 256, True, weights)
+  assert key == {"data": data, "images": 50, "image_size": 256, "crop": "centre", "uint8": True,
+                 "inception_sha256": hashlib.sha256(b"weights").hexdigest()}
 
 
 # --- Q-DOVE's PSNR outside the boxes ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_eval_metrics import counted_inception  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,3 +140,28 @@ def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_p
   described = run.describe_data(config, held, str(listed))
   assert described["class_subset"] == {"file": str(listed), "classes": ["ring", "circle"]}
   assert described["records"] == len(held) and described["split"] == "validation"
+
+
+def test_a_second_evaluation_reuses_the_real_images_inception_statistics(data_dir, tmp_path, monkeypatch,
+                                                                         counted_inception):
+  """Two evaluations of the shipped tiny DOVE with rFID (Inception replaced by cheap features, counted): the
+  first runs Inception over the real batch and the 3 reconstructions (predicted, 64, VQ-GAN), the second over
+  the reconstructions only, and both give the same rFID."""
+  from configs import dove
+  from dove_jax.evaluation import fid, run
+  monkeypatch.setattr(fid, "load_inception", lambda path: "the Inception model")
+  config = dove.get_config("tiny")
+  config.data.data_dir, config.data.global_batch_size, config.train.compilation_cache = str(data_dir), 8, False
+  weights = tmp_path / "inception.pth"
+  weights.write_bytes(b"weights")
+  results = []
+  for name in ("first", "second"):
+    results.append(run.evaluate(config, tmp_path, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"),
+                                budgets=[64], inception=str(weights), probe_train_batches=1, max_batches=1,
+                                out=tmp_path / name))
+  assert counted_inception == [8] * 4 + [8] * 3
+  first, second = (r["settings"]["reference_statistics"] for r in results)
+  assert not first["reused"] and second["reused"] and first["file"] == second["file"]
+  assert Path(first["file"]).parent == tmp_path / "reference_statistics"
+  for key in ("predicted", "64"):
+    assert results[0]["reconstruction"][key]["rfid"] == results[1]["reconstruction"][key]["rfid"] > 0

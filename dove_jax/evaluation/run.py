@@ -29,7 +29,7 @@ from flax import nnx
 
 from dove_jax import xla
 from dove_jax.data import pipeline, sources
-from dove_jax.evaluation import fid, metrics, plots, probe
+from dove_jax.evaluation import fid, metrics, plots, probe, reference
 from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, query_inputs
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
@@ -287,7 +287,7 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
   for Q-DOVE the BOX_FIGURES) with key PREDICTED, NO_QUERY or str(budget); images holds
   [N] laplacian_variance, complexity, label and the [N, D] predicted-length features (without a query);
   samples the first valid inputs (and their queries) and their reconstructions per key; fid the
-  FeatureStatistics of the real images and of each key's reconstructions (None without Inception).
+  FeatureStatistics of each key's reconstructions (None without Inception).
   """
   from tqdm import tqdm
   keys = {PREDICTED: (0, True), **{str(budget): (budget, True) for budget in budgets}} if dove else {}
@@ -302,7 +302,7 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
   samples = {}
   laplacian_variance = xla.jit(metrics.laplacian_variance)
   if inception is not None:
-    fid_stats = {"real": metrics.FeatureStatistics(), **{key: metrics.FeatureStatistics() for key in keys}}
+    fid_stats = {key: metrics.FeatureStatistics() for key in keys}
   for host_batch in tqdm(data, total=count, desc="evaluating"):
     keep = np.asarray(host_batch["valid"])
     batch = jax.device_put(host_batch)  # once, not once per budget
@@ -310,8 +310,6 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
     images_seen["laplacian_variance"].append(np.asarray(laplacian_variance(images))[keep])
     images_seen["complexity"].append(host_batch["complexity"][keep])
     images_seen["label"].append(host_batch["label"][keep])
-    if inception is not None:
-      fid_stats["real"].update(np.asarray(fid.inception_features(inception, images))[keep])
     if not samples:
       samples["input"] = host_batch["image"][keep][:SAMPLE_IMAGES]
       samples["batch"] = {name: value[keep][:SAMPLE_IMAGES] for name, value in host_batch.items()}
@@ -346,6 +344,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
     budgets: forced token counts (default: the paper's 16 ... 256 up to max_tokens; eighths of max_tokens
       for a small model).
     inception: pytorch-fid's Inception weights, for rFID; without them every rFID is a string saying so.
+      The real images' statistics are cached in `workdir/reference_statistics` (`reference.py`).
     probe_train_batches: train-split batches the linear probe is fitted on.
     max_batches: validation batches evaluated (default: the whole split).
     uint8: reconstructions rounded to 8 bits before every figure, as image files (the paper-comparable
@@ -369,6 +368,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   train_source, eval_source = data_sources(config, class_subset)
 
   data, count = batches(eval_source, config, max_batches)
+  data_description = describe_data(config, eval_source, class_subset)
+  if inception:  # the real images' statistics: from the workdir's cache, or a pass of Inception alone
+    records = min(len(eval_source), count * config.data.global_batch_size)
+    cache_key = reference.reference_key(data_description, records, config.model.image_size, uint8, inception)
+    real_batches, _ = batches(eval_source, config, max_batches)  # read only if the cache has no statistics
+    real, cache_file, reused = reference.reference_statistics(Path(workdir) / reference.DIRECTORY, cache_key,
+                                                              inception_model, real_batches)
   with_queries = "query" in config
   dove = config.train.get("objective", "dove") != "vqgan"  # a stage-1 run has only its VQ-GAN to show
   per_image, images, samples, fid_stats = reconstruction_pass(
@@ -376,16 +382,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   reconstruction = {key: quality(figures) for key, figures in per_image.items()}
   for key, figures in reconstruction.items():
     figures["rfid"] = RFID_UNAVAILABLE if fid_stats is None else metrics.frechet_distance(
-        fid_stats["real"].mean(), fid_stats["real"].covariance(), fid_stats[key].mean(),
-        fid_stats[key].covariance())
+        real.mean(), real.covariance(), fid_stats[key].mean(), fid_stats[key].covariance())
   results = {
       "model": origin,
-      "settings": {"data": describe_data(config, eval_source, class_subset),
+      "settings": {"data": data_description,
                    "num_images": len(per_image[VQGAN]["mse"]),
                    "budgets": budgets if dove else [],
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
                    "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
+                   "reference_statistics": {"file": str(cache_file), "reused": reused} if inception else None,
                    "model": config.model.to_dict(), "conventions": conventions(uint8)},
       # The VQ-GAN alone (encoder, codebook, decoder): what DOVE's tokens would reach if they lost nothing.
       "vqgan": reconstruction.pop(VQGAN),
