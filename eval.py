@@ -4,10 +4,15 @@
   python eval.py --workdir runs/tiny --step 400 --max_batches 10 --config.data.data_dir=/data/tfds
   python eval.py --workdir runs/dove --inception pt_inception-2015-12-05-6726825d.pth --budgets 32,64,256
   python eval.py --workdir runs/paper --config configs/dove.py --weights dove.safetensors
+  python eval.py --workdir runs/dove --inception pt_inception.pth --class_subset configs/imagenet100.txt
+                                                                       the paper's rFID table (ImageNet-100)
+  python eval.py --workdir runs/dove --probe_dataset cifar10 --probe_data_dir /data/tfds
+                                                                       linear probe on CIFAR-10 (train -> test)
   python eval.py --workdir out --config configs/dove.py:tiny             the shipped tiny DOVE (weights/tiny)
 
 Without --config the run's own config (workdir/config.json) is used, and `--config.x.y=...` overrides its
-fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out).
+fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out). The protocol
+of every figure, beside the paper's: docs/evaluation.md.
 """
 import re
 import sys
@@ -27,7 +32,15 @@ _INCEPTION = flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-
 _BUDGETS = flags.DEFINE_list("budgets", None, "forced token counts, e.g. 32,64,256 (default: the paper's "
                              "16..256 up to max_tokens; eighths of max_tokens below 64)")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "validation batches (default: the whole split)")
-_PROBE_BATCHES = flags.DEFINE_integer("probe_train_batches", 100, "train batches the linear probe is fitted on")
+_PROBE_PER_CLASS = flags.DEFINE_integer("probe_per_class", 100, "training images of each class for the linear "
+                                        "probe (a seeded, class-balanced random subset); 0 = all", lower_bound=0)
+_PROBE_DATASET = flags.DEFINE_string("probe_dataset", None, "probe on this TFDS classification set (e.g. cifar10) "
+                                     "instead of the evaluated data")
+_PROBE_DATA_DIR = flags.DEFINE_string("probe_data_dir", None, "where --probe_dataset is prepared (default: "
+                                      "config.data.data_dir)")
+_PROBE_TRAIN_SPLIT = flags.DEFINE_string("probe_train_split", "train", "--probe_dataset's split the probe fits on")
+_PROBE_EVAL_SPLIT = flags.DEFINE_string("probe_eval_split", "test",
+                                        "--probe_dataset's split the probe is scored on")
 _CLASS_SUBSET = flags.DEFINE_string("class_subset", None, "a file of class names or ids, one a line: evaluate and "
                                    "probe only those classes (configs/imagenet100.txt: ImageNet-100)")
 _UINT8 = flags.DEFINE_bool("uint8", True, "round reconstructions to 8 bits before every figure, as image files "
@@ -74,9 +87,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     weights = _WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value)
+    probe_settings = run.ProbeSettings(per_class=_PROBE_PER_CLASS.value, dataset=_PROBE_DATASET.value,
+                                       data_dir=_PROBE_DATA_DIR.value, train_split=_PROBE_TRAIN_SPLIT.value,
+                                       eval_split=_PROBE_EVAL_SPLIT.value)
     results = run.evaluate(flags.FLAGS.config, _WORKDIR.value, step=_STEP.value, weights=weights,
                            budgets=[int(b) for b in _BUDGETS.value] if _BUDGETS.value else None,
-                           inception=_INCEPTION.value, probe_train_batches=_PROBE_BATCHES.value,
+                           inception=_INCEPTION.value, probe_settings=probe_settings,
                            max_batches=_MAX_BATCHES.value, out=_OUT.value, uint8=_UINT8.value,
                            class_subset=_CLASS_SUBSET.value)
   except ConversionError as e:  # the loaders name every parameter that differs, with both shapes

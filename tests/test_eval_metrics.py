@@ -413,6 +413,18 @@ def test_linear_probe_is_at_chance_on_random_labels():
   assert result["train_accuracy"] > result["accuracy"]  # it fits noise it cannot generalise
 
 
+def test_probe_training_subset_is_class_balanced_random_and_seeded():
+  from dove_jax.evaluation.probe import balanced_subset
+  labels = np.repeat([0, 1, 2, 3], [50, 30, 20, 3])  # sorted by class, as many files are
+  chosen = balanced_subset(labels, 10, seed=0)
+  assert list(np.bincount(labels[chosen])) == [10, 10, 10, 3]  # every image of a class that has fewer
+  assert list(chosen) == sorted(set(chosen))  # distinct, in file order
+  np.testing.assert_array_equal(chosen, balanced_subset(labels, 10, seed=0))
+  assert not np.array_equal(chosen, balanced_subset(labels, 10, seed=1))
+  assert not np.array_equal(chosen[:10], np.arange(10))  # not the first ten of class 0
+  assert len(balanced_subset(np.zeros(0, np.int64), 10, seed=0)) == 0
+
+
 # --- cached reference statistics -------------------------------------------------------------------------
 
 @pytest.fixture

@@ -38,7 +38,9 @@ def run_dir(tmp_path_factory, data_dir):
 def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
   from PIL import Image
   from dove_jax.evaluation import run
-  result = python(["eval.py", f"--workdir={run_dir}", "--max_batches=2", "--probe_train_batches=2",
+  result = python(["eval.py", f"--workdir={run_dir}", "--max_batches=2", "--probe_per_class=2",
+                   "--probe_dataset=dove_shapes/64", f"--probe_data_dir={data_dir}",
+                   "--probe_eval_split=validation",
                    f"--config.data.data_dir={data_dir}"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r"throughput: encode [\d.]+ images/s \(in chunks of 32: [\d.]+\), decode [\d.]+ images/s",
@@ -67,9 +69,14 @@ def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
   assert len(deciles) == 10 and sum(d["images"] for d in deciles) == 16
   assert [d["complexity_min"] for d in deciles] == sorted(d["complexity_min"] for d in deciles)
 
-  probe = results["linear_probe"]
-  assert probe["num_classes"] == 10 and probe["train_images"] == 16 and probe["eval_images"] == 16
+  probe = results["linear_probe"]  # on dove_shapes/64 named as a separate data set: 2 images a class
+  assert probe["num_classes"] == 10 and probe["train_images"] == 20 and probe["eval_images"] == 16
   assert 0 <= probe["accuracy"] <= 1 and 0 <= probe["train_accuracy"] <= 1
+  protocol = probe["protocol"]
+  assert protocol["data"] == {"source": "tfds", "name": "dove_shapes/64", "data_dir": str(data_dir),
+                              "split": "validation", "train_split": "train", "records": 512}
+  assert protocol["per_class"] == 2 and protocol["train_images_per_class"] == {"min": 2, "max": 2}
+  assert protocol["seed"] == 0 and protocol["l2"] == 1e-4 and "mean" in protocol["features"]
   speed = results["throughput"]
   assert min(speed["encode_images_per_s"], speed["encode_chunked_images_per_s"], speed["decode_images_per_s"]) > 0
 
@@ -157,11 +164,13 @@ def test_a_second_evaluation_reuses_the_real_images_inception_statistics(data_di
   results = []
   for name in ("first", "second"):
     results.append(run.evaluate(config, tmp_path, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"),
-                                budgets=[64], inception=str(weights), probe_train_batches=1, max_batches=1,
-                                out=tmp_path / name))
+                                budgets=[64], inception=str(weights), max_batches=1, out=tmp_path / name,
+                                probe_settings=run.ProbeSettings(per_class=1)))
   assert counted_inception == [8] * 4 + [8] * 3
   first, second = (r["settings"]["reference_statistics"] for r in results)
   assert not first["reused"] and second["reused"] and first["file"] == second["file"]
   assert Path(first["file"]).parent == tmp_path / "reference_statistics"
   for key in ("predicted", "64"):
     assert results[0]["reconstruction"][key]["rfid"] == results[1]["reconstruction"][key]["rfid"] > 0
+  probe = results[0]["linear_probe"]  # by default on the evaluated data set: its train split, one a class
+  assert probe["protocol"]["data"] == results[0]["settings"]["data"] and probe["train_images"] == 10

@@ -14,6 +14,19 @@ import optax
 from dove_jax import xla
 
 _GRADIENT_TOLERANCE = 1e-6  # stop once the gradient norm is this small: float32 cannot do much better
+L2 = 1e-4  # the weight decay of the classifier: l2/2 |W|^2 beside the mean cross-entropy
+MAX_STEPS = 1000  # L-BFGS iterations at most
+CLASSIFIER = ("multinomial logistic regression on features standardised by the training set's mean and std, "
+              "mean cross-entropy + l2/2 |W|^2 (bias not penalised), full-batch L-BFGS")
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+  """Indices [M], in increasing order, of `per_class` records of each class in `labels` [N], drawn at random
+  with `seed` (every record of a class that has fewer): a class-balanced training set whatever the order of
+  the file."""
+  rng = np.random.default_rng(seed)
+  chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+  return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def _standardise(train: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +74,7 @@ def _accuracy(params: dict[str, jax.Array], features: np.ndarray, labels: np.nda
 
 
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray,
-                 eval_labels: np.ndarray, *, num_classes: int, l2: float = 1e-4, steps: int = 1000,
+                 eval_labels: np.ndarray, *, num_classes: int, l2: float = L2, steps: int = MAX_STEPS,
                  learning_rate: float | None = None, seed: int = 0) -> dict[str, float]:
   """Trains a linear classifier on [N, D] features with [N] integer labels; evaluates it on [M, D], [M].
 

@@ -14,6 +14,7 @@ several, each would see only its share of the split.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -40,6 +41,7 @@ from dove_jax.weights import load_weights
 PAPER_BUDGETS = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # the token counts of the paper's rFID table
 RFID_UNAVAILABLE = "unavailable: pass --inception PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
 SAMPLE_IMAGES = 4  # rows of reconstructions.png
+MEAN_TOKEN = "the mean of each image's kept tokens at its own (predicted) length, without a query"
 QUALITY = ("mse", "ssim", "lpips")  # per-image figures, averaged over the split
 BOX_FIGURES = ("mse_in_boxes", "mse_outside_boxes", "has_outside_pixels")  # Q-DOVE's, per image
 # How each figure is computed, written into metrics.json so a number is never read under another convention.
@@ -235,22 +237,52 @@ def length_analysis(lengths: np.ndarray, complexities: dict[str, np.ndarray], ma
           "deciles": {name: length_by_decile(c, lengths) for name, c in complexities.items()}}
 
 
-def probe_figures(encode, params, config, train_source, train_batches: int, eval_features: np.ndarray,
-                  eval_labels: np.ndarray) -> dict:
-  """Linear-probe accuracy of the mean token: fitted on `train_batches` batches of `train_source`,
-  evaluated on the given validation features [N, D] and labels [N]."""
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+  """The linear probe's data: `per_class` training images of each class (a seeded, class-balanced random
+  subset; 0 = every training image) of the evaluated data set's train part, scored on the evaluated images;
+  or, with `dataset`, of another TFDS classification set prepared under `data_dir` (default:
+  config.data.data_dir), fitted on its `train_split` and scored on its `eval_split`."""
+  per_class: int = 100
+  dataset: str | None = None
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "test"
+
+
+def probe_sources(config: ml_collections.ConfigDict, settings: ProbeSettings):
+  """(train, eval, description) of `settings.dataset`'s two splits (FileNotFoundError if not prepared)."""
+  data_dir = str(Path(settings.data_dir or config.data.data_dir).expanduser())
+  train, held = (sources.tfds_source(settings.dataset, split, data_dir)
+                 for split in (settings.train_split, settings.eval_split))
+  return train, held, {"source": "tfds", "name": settings.dataset, "data_dir": data_dir,
+                       "split": settings.eval_split, "train_split": settings.train_split, "records": len(held)}
+
+
+def probe_figures(encode, params, config, settings: ProbeSettings, train_source, eval_features: np.ndarray,
+                  eval_labels: np.ndarray, data: dict) -> dict:
+  """Linear-probe accuracy of the mean token, fitted on a class-balanced random subset of `train_source`
+  (`settings.per_class` images a class, drawn with config.seed) and scored on the eval features [N, D] and
+  labels [N]; `data` says where both come from. The protocol is part of the result."""
+  protocol = {"data": data, "features": MEAN_TOKEN, "classifier": probe.CLASSIFIER, "l2": probe.L2,
+              "max_steps": probe.MAX_STEPS, "per_class": settings.per_class or "all", "seed": config.seed}
+  figures = {"protocol": protocol, "eval_images": len(eval_labels)}
   if not len(train_source):
-    return {"num_classes": num_classes(train_source, eval_labels), "train_images": 0,
-            "eval_images": len(eval_labels),
+    return {**figures, "num_classes": num_classes(train_source, eval_labels), "train_images": 0,
             "accuracy": "unavailable: the data set has no training images (config.data.eval_fraction = 1)"}
-  train_features, train_labels = token_features(encode, params, *batches(train_source, config, train_batches),
-                                                desc="probe features")
+  labels = sources.record_labels(train_source)  # [M]
+  chosen = (probe.balanced_subset(labels, settings.per_class, config.seed) if settings.per_class
+            else np.arange(len(labels)))
+  train_features, train_labels = token_features(
+      encode, params, *batches(sources.Subset(train_source, chosen), config), desc="probe features")
   classes = num_classes(train_source, train_labels, eval_labels)
-  figures = {"num_classes": classes, "train_images": len(train_labels), "eval_images": len(eval_labels)}
+  per_class = np.bincount(train_labels, minlength=classes)  # valid images only: unreadable ones drop out
+  protocol["train_images_per_class"] = {"min": int(per_class.min()), "max": int(per_class.max())}
+  figures |= {"num_classes": classes, "train_images": len(train_labels)}
   if classes < 2:
     return {**figures, "accuracy": "unavailable: the data set has a single label"}
   return {**figures, **probe.linear_probe(train_features, train_labels, eval_features, eval_labels,
-                                          num_classes=classes)}
+                                          num_classes=classes, seed=config.seed)}
 
 
 def throughput(encode, decode, params, batch: dict, repeats: int = 3, chunk_size: int = 32) -> dict:
@@ -335,8 +367,8 @@ def reconstruction_pass(functions, params, lpips, data, count: int, budgets: lis
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None,
              weights: str | None = None, budgets: list[int] | None = None, inception: str | None = None,
-             probe_train_batches: int = 100, max_batches: int | None = None, out: str | Path | None = None,
-             uint8: bool = True, class_subset: str | None = None) -> dict:
+             probe_settings: ProbeSettings = ProbeSettings(), max_batches: int | None = None,
+             out: str | Path | None = None, uint8: bool = True, class_subset: str | None = None) -> dict:
   """Evaluates checkpoint `step` (default: the latest) of the run in `workdir`, or a `weights` file, on the
   configured validation split; writes metrics.json and the plots to `out` (default: `workdir/eval`).
 
@@ -345,8 +377,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
       for a small model).
     inception: pytorch-fid's Inception weights, for rFID; without them every rFID is a string saying so.
       The real images' statistics are cached in `workdir/reference_statistics` (`reference.py`).
-    probe_train_batches: train-split batches the linear probe is fitted on.
-    max_batches: validation batches evaluated (default: the whole split).
+    probe_settings: the linear probe's training images and data set (`ProbeSettings`).
+    max_batches: validation batches evaluated (default: the whole split); it also caps the eval split of
+      a separate probe data set.
     uint8: reconstructions rounded to 8 bits before every figure, as image files (the paper-comparable
       default); False keeps them in float.
     class_subset: a class list file (e.g. configs/imagenet100.txt): evaluate and probe only those classes.
@@ -366,6 +399,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
   model_def, params = nnx.split(model)
   functions = make_functions(model_def, uint8)
   train_source, eval_source = data_sources(config, class_subset)
+  probe_data = probe_sources(config, probe_settings) if probe_settings.dataset else None  # fails before compute
 
   data, count = batches(eval_source, config, max_batches)
   data_description = describe_data(config, eval_source, class_subset)
@@ -389,7 +423,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
                    "num_images": len(per_image[VQGAN]["mse"]),
                    "budgets": budgets if dove else [],
                    "batch_size": config.data.global_batch_size, "max_batches": max_batches,
-                   "probe_train_batches": probe_train_batches,
                    "inception": str(Path(inception).absolute()) if inception else None,
                    "reference_statistics": {"file": str(cache_file), "reused": reused} if inception else None,
                    "model": config.model.to_dict(), "conventions": conventions(uint8)},
@@ -407,11 +440,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
     if np.any(images["complexity"]):  # the data set's own figure, where it has one (the built-in set does)
       complexities["dataset_complexity"] = images["complexity"]
     first_batch = next(batches(eval_source, config, 1)[0])
+    if probe_data:
+      probe_train, probe_eval, probe_description = probe_data
+      probe_features, probe_labels = token_features(
+          functions.encode, params, *batches(probe_eval, config, max_batches), desc="probe eval features")
+    else:  # the evaluated images, features from the reconstruction pass
+      probe_train, probe_features, probe_labels = train_source, images["features"], images["label"]
+      probe_description = data_description
     results |= {
         "reconstruction": reconstruction,
         "lengths": length_analysis(lengths, complexities, max_tokens),
-        "linear_probe": probe_figures(functions.encode, params, config, train_source, probe_train_batches,
-                                      images["features"], images["label"]),
+        "linear_probe": probe_figures(functions.encode, params, config, probe_settings, probe_train,
+                                      probe_features, probe_labels, probe_description),
         "throughput": throughput(functions.encode, functions.decode, params, first_batch),
     }
     if with_queries:
