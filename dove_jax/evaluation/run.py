@@ -121,14 +121,10 @@ def data_sources(config: ml_collections.ConfigDict, class_subset: str | None = N
   """(train, eval) sources: the configured data set's splits; an image folder's eval part is its held-out
   images and its train part the rest (`sources.folder_split`, by config.data.eval_fraction). With
   `class_subset` (a class list file), only the listed classes, relabelled 0..K-1 (`sources.class_subset`)."""
-  if config.data.source != "folder":
-    train, held = loop.data_sources(config)
-  elif "eval_fraction" not in config.data:
+  if config.data.source == "folder" and "eval_fraction" not in config.data:
     raise ValueError("config.data has no eval_fraction (a config written before image folders were split); "
                      "evaluate with --config configs/dove.py and the run's settings")
-  else:
-    folder = sources.ImageFolderSource(Path(config.data.folder).expanduser())
-    train, held = sources.folder_split(folder, config.data.eval_fraction)
+  train, held = loop.data_sources(config)
   if class_subset:
     train, held = (sources.class_subset(source, class_subset) for source in (train, held))
   return train, held

@@ -118,8 +118,16 @@ def data_sources(config: ml_collections.ConfigDict):
     from dove_jax.data.visual_genome import VisualGenomeSource
     regions = VisualGenomeSource(Path(data.folder).expanduser())
     return sources.split_off(regions, data.eval_size)
-  folder = sources.ImageFolderSource(data.folder)
-  return folder, folder
+  # The held-out images (a hash of each path below data.eval_fraction) are never trained on.
+  return sources.folder_split(sources.ImageFolderSource(Path(data.folder).expanduser()), data.eval_fraction)
+
+
+def check_training_data(train_source, config: ml_collections.ConfigDict) -> None:
+  """An empty training part fails naming the data and the field that emptied it."""
+  if len(train_source) == 0:
+    held_out = (f" (data.eval_fraction = {config.data.eval_fraction} holds out every image)"
+                if config.data.source == "folder" else "")
+    raise ValueError(f"config.data: no image to train on in the {config.data.source!r} data{held_out}")
 
 
 def build_model(config: ml_collections.ConfigDict) -> DOVE:
@@ -244,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # ---------------------------------------------------------------------------- data
   train_source, eval_source = data_sources(config)
+  check_training_data(train_source, config)
   batch_size = config.data.global_batch_size
   steps_per_epoch = max(len(train_source) // batch_size, 1)
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
