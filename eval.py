@@ -72,13 +72,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def shipped_weights(config, workdir: str) -> str | None:
-  """The shipped tiny DOVE, for the tiny preset's model in a folder that is not a training run (no checkpoints/,
-  no config.json): a run without a checkpoint is an error, never silently another model."""
-  from configs import dove
-  if any((Path(workdir) / name).exists() for name in ("checkpoints", "config.json")) or "query" in config:
+  """The shipped tiny DOVE (or Q-DOVE), for its tiny preset's model in a folder that is not a training run (no
+  checkpoints/, no config.json): a run without a checkpoint is an error, never silently another model."""
+  from configs import dove, qdove
+  if any((Path(workdir) / name).exists() for name in ("checkpoints", "config.json")):
     return None
-  path = dove.SHIPPED / "tiny" / "dove.safetensors"
-  same_model = config.model.to_dict() == dove.get_config("tiny").model.to_dict()
+  preset, name = (qdove, "qdove") if "query" in config else (dove, "dove")
+  path = dove.SHIPPED / "tiny" / f"{name}.safetensors"
+  same_model = config.model.to_dict() == preset.get_config("tiny").model.to_dict()
   return str(path) if same_model and path.is_file() else None
 
 

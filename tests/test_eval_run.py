@@ -106,9 +106,11 @@ def test_config_that_does_not_match_the_checkpoint_names_parameter_and_shapes(ru
 def test_shipped_weights_only_for_the_tiny_model_outside_a_run(run_dir, tmp_path):
   sys.path.insert(0, str(ROOT))
   import eval as eval_script
-  from configs import dove
+  from configs import dove, qdove
   tiny = dove.get_config("tiny")
   assert eval_script.shipped_weights(tiny, str(tmp_path)) == str(dove.SHIPPED / "tiny" / "dove.safetensors")
+  assert eval_script.shipped_weights(qdove.get_config("tiny"), str(tmp_path)) == str(
+      dove.SHIPPED / "tiny" / "qdove.safetensors")
   assert eval_script.shipped_weights(tiny, str(run_dir)) is None  # a run's own checkpoint comes first
   (tmp_path / "config.json").write_text("{}")
   assert eval_script.shipped_weights(tiny, str(tmp_path)) is None  # a run that never saved: an error, not these
