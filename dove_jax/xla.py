@@ -2,9 +2,8 @@
 runs, and a malloc that does not make every CPU call fault in its temporaries again.
 
 On the CPU, jaxlib 0.10 hands convolutions, dots and the elementwise work around them to YNNPACK fusions
-by default; on DOVE's convolution stacks those run 1.5-2x slower than XLA's own kernels (the tiny VQ-GAN
-encoder: forward 17 -> 9 ms, gradient 51 -> 36 ms at batch 8; docs/performance.md), so they are off. Other
-backends compile with their defaults.
+by default; on DOVE's convolution stacks those run slower than XLA's own kernels (docs/performance.md), so
+they are off. Other backends compile with their defaults.
 """
 from __future__ import annotations
 
@@ -112,14 +111,11 @@ def restart_with_fast_malloc() -> None:
   """Re-executes this process (same interpreter, same arguments) once, with `fast_malloc_environment()`;
   train.py, eval.py and the benchmarks call it first thing.
 
-  XLA's CPU runtime allocates each call's temporaries afresh, as one block (200 MB for the tiny train step,
-  3.3 GB at paper size), and Eigen's convolutions allocate packing buffers of 35-150 MB per call (7.8 GB per
-  paper step). glibc maps blocks that large on malloc and unmaps them on free, so every call faults each
-  4 KiB page in again and the kernel zeroes it: 51,000 faults per tiny step, 850,000 per paper step, a third
-  of the paper step's time in the kernel. mimalloc, told never to return freed memory and to keep even
-  blocks of gigabytes in its arenas, hands the next call the same pages: no faults, and the paper step
-  (with LPIPS) takes 9.1 s, against 10.9 s with mimalloc's default arenas (1,700 faults of 2 MiB per step)
-  and 11.7-12.6 s with glibc's huge pages even without LPIPS (docs/performance.md). Without its wheel,
+  XLA's CPU runtime allocates each call's temporaries afresh, as one block, and Eigen's convolutions
+  allocate large packing buffers per call. glibc maps blocks that large on malloc and unmaps them on free,
+  so every call faults each 4 KiB page in again and the kernel zeroes it. mimalloc, told never to return
+  freed memory and to keep even blocks of gigabytes in its arenas, hands the next call the same pages (the
+  measurements: docs/performance.md). Without its wheel,
   glibc's `hugetlb=1` tunable (glibc >= 2.35) at least faults once per 2 MiB. A dynamic loader and glibc
   read these variables only at process start, hence the restart. It does nothing when the user set any of
   them already (their settings win) or where none applies.

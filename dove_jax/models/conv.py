@@ -4,8 +4,8 @@ XLA's CPU backend computes a convolution's filter gradient as a convolution whos
 image and whose contracted depth is the batch: at batch 1 Eigen gathers single-channel patches, and the
 filter gradient of a 3x3 conv at [1, 256, 256, 128] takes 2-3x its forward pass. Cutting each image into
 horizontal strips (each with the rows its taps reach beyond it repeated) turns the batch of 1 into a batch of
-8 strips: the same sums, 1.5-2x faster at the paper's widths (docs/performance.md). With a batch of 8 or
-more (where strips measured no faster), or off the CPU, the gradient is XLA's own.
+8 strips: the same sums, faster at the paper's widths (docs/performance.md). With a batch of 8 or more
+(where strips measured no faster), or off the CPU, the gradient is XLA's own.
 """
 from __future__ import annotations
 
