@@ -22,8 +22,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dove_jax import xla
-from dove_jax.convert.common import ConversionError
 from dove_jax.evaluation import run
+from dove_jax.tensor_io import ConversionError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run: its checkpoints/ and config.json (required)")
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")

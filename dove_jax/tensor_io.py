@@ -1,8 +1,10 @@
-"""Reading PyTorch checkpoints without running their code, and filling a module's parameters from them.
+"""Tensor I/O: reading tensor files (safetensors, PyTorch, model folders) without running their code,
+naming parameters by path, and filling a module's parameters from named tensors, checked.
 
-Every converter works the same way: read the source tensors into a `Source` (it remembers which keys were
-taken), build a dict from our parameter paths ('encoder/conv_in/kernel') to arrays, and hand it to
-`fill_params`, which checks every name and shape before it changes anything.
+Every loader works the same way (the PyTorch converters in `dove_jax.convert`, weights files, checkpoints,
+Inception): read the source tensors into a `Source` (it remembers which keys were taken), build a dict from
+our parameter paths ('encoder/conv_in/kernel') to arrays, and hand it to `fill_params`, which checks every
+name and shape before it changes anything.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def _read_folder(folder: Path) -> dict[str, np.ndarray]:
 
 
 def read_json_config(folder: str | Path) -> dict:
+  """A model folder's config.json (Hugging Face, diffusers)."""
   path = Path(folder) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"no config.json in {folder}")
@@ -103,10 +106,20 @@ class ConversionReport:
     return "\n".join(lines)
 
 
+def join(*parts: Iterable[str] | str | int) -> str:
+  """A parameter path from its parts: join("encoder", "down", 0) -> 'encoder/down/0'."""
+  return "/".join(str(p) for p in parts)
+
+
+def param_path(path) -> str:
+  """A pytree path of an nnx.State leaf (or a flat-state key) -> 'vqgan/encoder/conv_in/kernel'."""
+  names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  return join(*(names[:-1] if names and names[-1] == "value" else names))
+
+
 def param_dict(module: nnx.Module) -> dict[str, nnx.Variable]:
-  """The module's parameters keyed by their '/'-joined paths."""
-  return {"/".join(map(str, path)): var
-          for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  """The module's parameters keyed by their paths (`param_path`)."""
+  return {param_path(path): var for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], source: Source,
@@ -168,6 +181,3 @@ def linear_kernel(w: np.ndarray | None) -> np.ndarray | None:
   """PyTorch linear weight [out, in] -> Flax kernel [in, out]."""
   return None if w is None else w.T
 
-
-def join(*parts: Iterable[str] | str | int) -> str:
-  return "/".join(str(p) for p in parts)

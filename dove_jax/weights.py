@@ -1,16 +1,19 @@
-"""Saving and loading a model's parameters as one safetensors file keyed by parameter path.
+"""A model's parameters keyed by parameter path: saved as one safetensors file, loaded from such a file or
+from a training run's checkpoint.
 
-A file made by `python -m dove_jax.convert` or `python -m dove_jax.export` loads with `load_weights`; any
-name or shape disagreement is reported per parameter, with both shapes, before anything is changed.
+A file made by `python -m dove_jax.convert` or `python -m dove_jax.export` loads with `load_weights`, a
+checkpoint's parameters with `load_checkpoint_params`; any name or shape disagreement is reported per
+parameter, with both shapes, before anything is changed.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
-from dove_jax.convert.common import ConversionReport, Source, fill_by_path, param_dict, read_tensors
+from dove_jax.tensor_io import ConversionReport, Source, fill_by_path, param_dict, param_path, read_tensors
 
 
 def save_weights(model: nnx.Module, path: str | Path, part: str = "") -> int:
@@ -31,7 +34,6 @@ def read_weights(path: str | Path) -> Source:
   keyed by parameter path."""
   path = Path(path).expanduser()
   if path.is_dir():
-    from dove_jax.training.checkpoint import read_checkpoint_params
     return read_checkpoint_params(path)[1]
   return Source(read_tensors(path), str(path))
 
@@ -45,3 +47,38 @@ def subtree(source: Source, prefix: str) -> Source:
 def load_weights(model: nnx.Module, path: str | Path, optional: tuple[str, ...] = ()) -> ConversionReport:
   """Every parameter of `model` from the file; those under an `optional` prefix may be missing there."""
   return fill_by_path(model, Source(read_tensors(path), str(path)), optional)
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+  """A run's workdir (holding checkpoints/) or its checkpoints/ folder itself -> the checkpoints folder."""
+  directory = Path(path).expanduser().absolute()
+  return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+
+
+def read_checkpoint_params(directory: str | Path, step: int | None = None,
+                           item: str = "params") -> tuple[int, Source]:
+  """The model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
+  `directory` (a run's workdir or its checkpoints/ folder), keyed by parameter path. Returns the step and
+  the tensors as a `Source`."""
+  import orbax.checkpoint as ocp
+  directory = checkpoint_folder(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint folder {directory}")
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not steps or (step is not None and step not in steps):
+    wanted = "any checkpoint" if step is None else f"checkpoint {step}"
+    raise FileNotFoundError(f"{wanted} not found in {directory} (steps there: {steps})")
+  step = steps[-1] if step is None else step
+  restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
+  tensors = {param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  return step, Source(tensors, f"checkpoint {directory / str(step)}")
+
+
+def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int | None = None,
+                           item: str = "params", optional: tuple[str, ...] = ()) -> tuple[int, ConversionReport]:
+  """Loads the model parameters of checkpoint `step` (default: the latest) in `directory` into `model`,
+  e.g. for evaluation. A checkpoint of another config fails naming every parameter that differs, with both
+  shapes, except that parameters under an `optional` prefix may be missing (a Q-DOVE started from a DOVE
+  run). Returns the step and the report."""
+  step, source = read_checkpoint_params(directory, step, item)
+  return step, fill_by_path(model, source, optional)

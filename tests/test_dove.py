@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dove_jax.convert.common import ConversionError, param_dict
 from dove_jax.models.dove import DOVE, Tokens
+from dove_jax.tensor_io import ConversionError, param_dict
 from dove_jax.weights import load_weights, save_weights
 
 TINY = dict(image_size=32,

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dove_jax.convert.common import ConversionError
 from dove_jax.evaluation import fid, metrics
 from dove_jax.evaluation.probe import linear_probe
+from dove_jax.tensor_io import ConversionError
 
 
 def random_images(seed: int, shape=(2, 32, 40, 3)) -> np.ndarray:

@@ -11,9 +11,9 @@ import torch
 from flax import nnx
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
-from dove_jax.convert.common import ConversionError, param_dict, read_tensors
 from dove_jax.convert.neox import check_neox_config, load_pythia, read_embed_in
 from dove_jax.models.neox import PYTHIA_14M, PYTHIA_70M, NeoXTransformer, dot_product_attention
+from dove_jax.tensor_io import ConversionError, param_dict, read_tensors
 
 BATCH, LENGTH, VOCAB = 2, 40, 64
 

@@ -271,7 +271,7 @@ def test_query_batches_boxes_mark_the_described_object():
 # -- weights and the command line -------------------------------------------------------------------------
 
 def test_a_dove_weights_file_loads_into_a_qdove_keeping_its_query_embedding(tmp_path):
-  from dove_jax.convert.common import ConversionError
+  from dove_jax.tensor_io import ConversionError
   from dove_jax.weights import load_weights, save_weights
   save_weights(DOVE(**TINY, rngs=nnx.Rngs(1)), tmp_path / "dove.safetensors")
   model = DOVE(**TINY, query_vocab_size=257, rngs=nnx.Rngs(2))

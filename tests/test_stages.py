@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dove_jax.convert.common import ConversionError, param_dict
 from dove_jax.convert.pretrained import is_own_weights, load_pretrained
+from dove_jax.tensor_io import ConversionError, param_dict
 from dove_jax.training.step import constants_under
 from dove_jax.weights import save_weights
 from test_dove import tiny_dove

@@ -266,7 +266,8 @@ def test_optimizer_groups_frozen_sgd_and_adamw():
   import numpy as np
   from flax import nnx
   from dove_jax.models.dove import DOVE
-  from dove_jax.training.state import optimizer, param_path
+  from dove_jax.tensor_io import param_path
+  from dove_jax.training.state import optimizer
   from test_dove import TINY
 
   _, params = nnx.split(DOVE(**TINY, rngs=nnx.Rngs(0)))

@@ -12,11 +12,11 @@ from diffusers import VQModel
 from flax import nnx
 from safetensors.torch import save_file
 
-from dove_jax.convert.common import ConversionError, param_dict
 from dove_jax.convert.diffusers_vq import load_diffusers_vqgan
 from dove_jax.models import vqgan
 from dove_jax.models.quantizer import VectorQuantizer
 from dove_jax.models.vqgan import AMUSED_VQGAN, VQGAN
+from dove_jax.tensor_io import ConversionError, param_dict
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=8, num_vq_embeddings=64,
             vq_embed_dim=8, norm_num_groups=8)

@@ -12,9 +12,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dove_jax.convert.common import ConversionError
 from dove_jax.convert.pretrained import load_pretrained
 from dove_jax.models.dove import DOVE
+from dove_jax.tensor_io import ConversionError
 from dove_jax.weights import save_weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dove.py", "DOVE config file[:preset].")

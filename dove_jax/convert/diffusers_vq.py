@@ -10,9 +10,9 @@ from typing import Mapping
 
 import numpy as np
 
-from dove_jax.convert.common import (ConversionError, ConversionReport, Source, conv_kernel, fill_params,
-                                     join, linear_kernel, read_json_config, read_tensors)
 from dove_jax.models.vqgan import MidBlock, ResnetBlock, Stage, VQGAN
+from dove_jax.tensor_io import (ConversionError, ConversionReport, Source, conv_kernel, fill_params,
+                                join, linear_kernel, read_json_config, read_tensors)
 
 Values = dict[str, np.ndarray | None]
 

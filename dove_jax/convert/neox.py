@@ -11,9 +11,9 @@ from typing import Mapping
 
 import numpy as np
 
-from dove_jax.convert.common import (ConversionError, ConversionReport, Source, fill_params, join,
-                                     linear_kernel, read_json_config, read_tensors)
 from dove_jax.models.neox import NeoXTransformer
+from dove_jax.tensor_io import (ConversionError, ConversionReport, Source, fill_params, join,
+                                linear_kernel, read_json_config, read_tensors)
 
 # config.json field -> NeoXTransformer keyword (and attribute) that must agree with it.
 _ARCHITECTURE = (

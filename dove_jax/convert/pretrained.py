@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dove_jax.convert.common import ConversionReport, Source, fill_by_path, fill_params
 from dove_jax.convert.diffusers_vq import load_diffusers_vqgan
 from dove_jax.convert.neox import load_pythia, read_embed_in
 from dove_jax.models.dove import DOVE
 from dove_jax.models.vqgan import VQGAN
+from dove_jax.tensor_io import ConversionReport, Source, fill_by_path, fill_params
 
 OWN_VQGAN_PREFIX = "vqgan/"  # our parameter paths of the VQ-GAN inside DOVE
 

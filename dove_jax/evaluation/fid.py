@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dove_jax import xla
-from dove_jax.convert.common import ConversionError, Source, conv_kernel, fill_params, join, read_tensors
+from dove_jax.tensor_io import ConversionError, Source, conv_kernel, fill_params, join, read_tensors
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

@@ -35,8 +35,8 @@ from dove_jax.evaluation.functions import make_functions, mean_token, measured_o
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
-from dove_jax.training import checkpoint, loop
-from dove_jax.weights import load_weights
+from dove_jax.training import loop
+from dove_jax.weights import load_checkpoint_params, load_weights
 
 PAPER_BUDGETS = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # the token counts of the paper's rFID table
 RFID_UNAVAILABLE = "unavailable: pass --inception PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
@@ -104,7 +104,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | Path, *, step: 
     load_weights(model, weights)
     return model, {"weights": str(Path(weights).absolute())}
   directory = Path(workdir).absolute() / "checkpoints"
-  step, _ = checkpoint.load_checkpoint_params(directory, model, step)
+  step, _ = load_checkpoint_params(directory, model, step)
   return model, {"checkpoint": str(directory), "step": step}
 
 

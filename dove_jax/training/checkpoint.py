@@ -10,9 +10,6 @@ from pathlib import Path
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
-
-from dove_jax.convert.common import ConversionReport, Source, fill_by_path
 
 
 class Checkpointer:
@@ -50,37 +47,3 @@ def abstract_like(state, shardings):
   """ShapeDtypeStructs with the target shardings: restore places every array directly where it belongs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
-
-def checkpoint_folder(path: str | Path) -> Path:
-  """A run's workdir (holding checkpoints/) or its checkpoints/ folder itself -> the checkpoints folder."""
-  directory = Path(path).expanduser().absolute()
-  return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-
-
-def read_checkpoint_params(directory: str | Path, step: int | None = None,
-                           item: str = "params") -> tuple[int, Source]:
-  """The model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
-  `directory` (a run's workdir or its checkpoints/ folder), keyed by parameter path. Returns the step and
-  the tensors as a `Source`."""
-  from dove_jax.training.state import param_path
-  directory = checkpoint_folder(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoint folder {directory}")
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-  if not steps or (step is not None and step not in steps):
-    wanted = "any checkpoint" if step is None else f"checkpoint {step}"
-    raise FileNotFoundError(f"{wanted} not found in {directory} (steps there: {steps})")
-  step = steps[-1] if step is None else step
-  restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
-  tensors = {param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
-  return step, Source(tensors, f"checkpoint {directory / str(step)}")
-
-
-def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int | None = None,
-                           item: str = "params", optional: tuple[str, ...] = ()) -> tuple[int, ConversionReport]:
-  """Loads the model parameters of checkpoint `step` (default: the latest) in `directory` into `model`,
-  e.g. for evaluation. A checkpoint of another config fails naming every parameter that differs, with both
-  shapes, except that parameters under an `optional` prefix may be missing (a Q-DOVE started from a DOVE
-  run). Returns the step and the report."""
-  step, source = read_checkpoint_params(directory, step, item)
-  return step, fill_by_path(model, source, optional)

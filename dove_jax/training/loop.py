@@ -31,7 +31,7 @@ from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.models.dove import DOVE
 from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
 from dove_jax.training.step import make_train_step
-from dove_jax.weights import load_weights
+from dove_jax.weights import load_checkpoint_params, load_weights
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
 OBJECTIVES = ("dove", "vqgan")  # what the train step optimises: DOVE, or its VQ-GAN alone (stage 1)
@@ -141,7 +141,7 @@ def build_model(config: ml_collections.ConfigDict) -> DOVE:
   if config.init.weights:
     logging.info("%s", load_weights(model, config.init.weights, optional=optional))
   if config.init.checkpoint:
-    step, report = checkpoint.load_checkpoint_params(config.init.checkpoint, model, optional=optional)
+    step, report = load_checkpoint_params(config.init.checkpoint, model, optional=optional)
     logging.info("step %d of %s", step, report)
   return model
 

@@ -7,6 +7,7 @@ import optax
 from flax import nnx, struct
 
 from dove_jax import losses
+from dove_jax.tensor_io import param_path
 
 
 @struct.dataclass
@@ -21,12 +22,6 @@ class TrainState:
   # Q-DOVE with query.threshold = "region": the same buffer for the L_rec that images without their query
   # reach on its boxes (None otherwise).
   region_threshold: dict | None = None
-
-
-def param_path(path) -> str:
-  """A pytree path of an nnx.State leaf -> 'vqgan/encoder/conv_in/kernel'."""
-  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-  return "/".join(names[:-1] if names and names[-1] == "value" else names)
 
 
 def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_decay: float,

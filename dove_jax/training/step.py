@@ -28,7 +28,8 @@ from flax import nnx
 
 from dove_jax import boxes, losses
 from dove_jax.models import eos
-from dove_jax.training.state import TrainState, param_path
+from dove_jax.tensor_io import param_path
+from dove_jax.training.state import TrainState
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
