@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_checkpoint import truncate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +157,7 @@ LOADED_FROM_CACHE = r"train step compiled in [\d.]+ s \([1-9]\d* of \d+ programs
 
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   """12 uninterrupted steps == SIGTERM (clean save and exit), resume (loading the compiled train step from
-  the compilation cache: here the tests' shared one), SIGKILL mid-run, resume."""
+  the compilation cache: here the tests' shared one), SIGKILL mid-run, damage the latest checkpoint, resume."""
   import numpy as np
   fast = ("--config.train.checkpoint_every=1", "--config.train.log_every=1", "--config.loss.lpips_weight=0")
   straight = python(train_command(tmp_path / "a", data_dir, 12, *fast))
@@ -180,9 +181,15 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   assert re.search(LOADED_FROM_CACHE, err), "the resumed run compiled its train step again"
   assert killed_after < 12, "the kill came too late to test anything"
 
+  # The latest checkpoint damaged afterwards: the re-run keeps it aside and resumes from the one before,
+  # parameters and input position alike, so it still ends on the same parameters.
+  checkpoints = tmp_path / "b" / "checkpoints"
+  latest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  truncate(checkpoints / str(latest))
   third = python(train_command(tmp_path / "b", data_dir, 12, *fast))
   assert third.returncode == 0, third.stderr[-3000:]
-  assert "resuming from step" in third.stderr
+  assert re.search(rf"checkpoint {latest} does not restore \(.+\): resumed from step {latest - 1}", third.stderr)
+  assert (checkpoints / f"{latest}.corrupt-1").is_dir()
   assert re.search(LOADED_FROM_CACHE, third.stderr)
   params_a, everything_a = final_params(tmp_path / "a", 12)
   params_b, everything_b = final_params(tmp_path / "b", 12)
