@@ -120,6 +120,7 @@ def test_shipped_weights_only_for_the_tiny_model_outside_a_run(run_dir, tmp_path
 
 def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
   from configs import dove
+  from dove_jax import builders
   from dove_jax.evaluation import run
   from dove_jax.training import loop
   from test_data import png_folder
@@ -129,7 +130,7 @@ def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
   train_paths = {train[i]["path"] for i in range(len(train))}
   eval_paths = {held[i]["path"] for i in range(len(held))}
   assert not train_paths & eval_paths and len(train_paths | eval_paths) == 120
-  trained = loop.data_sources(config)[0]  # what train.py reads: the same part, never a held-out image
+  trained = builders.data_sources(config)[0]  # what train.py reads: the same part, never a held-out image
   assert {trained[i]["path"] for i in range(len(trained))} == train_paths
   described = run.describe_data(config, held)
   assert described["source"] == "folder" and described["folder"] == str(tmp_path)
@@ -137,7 +138,7 @@ def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
   assert described["split"].startswith("held out")
   config.data.eval_fraction = 1.0  # a folder only evaluated: training refuses it before any compute
   with pytest.raises(ValueError, match="no image to train on.*eval_fraction = 1.0"):
-    loop.check_training_data(loop.data_sources(config)[0], config)
+    loop.check_training_data(builders.data_sources(config)[0], config)
 
 
 def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_path):

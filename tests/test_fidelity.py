@@ -76,9 +76,9 @@ def test_shipped_qdove_spends_fewer_tokens_with_a_query(builtin_data_dir):
   query than without it, for about the same quality inside the boxes (14.4 tokens against 27.7 here, 14.3 dB
   against 14.6; all 512 images: 12.6 tokens against 25.5, 14.27 dB against 14.18)."""
   from configs import qdove
+  from dove_jax.builders import query_step
   from dove_jax.evaluation.functions import box_mse, query_inputs
   from dove_jax.evaluation.run import load_model
-  from dove_jax.training.loop import query_step
   config = qdove.get_config("tiny")
   model, _ = load_model(config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "qdove.safetensors"))
   _, validation = builtin.load_builtin(64, str(builtin_data_dir))

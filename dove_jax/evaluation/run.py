@@ -28,14 +28,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import xla
+from dove_jax import builders, xla
 from dove_jax.data import pipeline, sources
 from dove_jax.evaluation import fid, metrics, plots, probe, reference
 from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, query_inputs
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
-from dove_jax.training import loop
 from dove_jax.weights import load_checkpoint_params, load_weights
 
 PAPER_BUDGETS = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # the token counts of the paper's rFID table
@@ -124,7 +123,7 @@ def data_sources(config: ml_collections.ConfigDict, class_subset: str | None = N
   if config.data.source == "folder" and "eval_fraction" not in config.data:
     raise ValueError("config.data has no eval_fraction (a config written before image folders were split); "
                      "evaluate with --config configs/dove.py and the run's settings")
-  train, held = loop.data_sources(config)
+  train, held = builders.data_sources(config)
   if class_subset:
     train, held = (sources.class_subset(source, class_subset) for source in (train, held))
   return train, held
@@ -153,7 +152,7 @@ def batches(source, config: ml_collections.ConfigDict, max_batches: int | None =
   batch_size = config.data.global_batch_size
   dataset = pipeline.make_dataset(source, image_size=config.model.image_size, global_batch_size=batch_size,
                                   seed=config.seed, train=False, worker_count=config.data.worker_count,
-                                  query=loop.query_step(config))
+                                  query=builders.query_step(config))
   count = -(-len(source) // batch_size)
   count = min(count, max_batches) if max_batches else count
   return itertools.islice(dataset, count), count
@@ -466,7 +465,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, step: in
 def query_plot(config: ml_collections.ConfigDict, samples: dict, per_image: dict, path: Path) -> None:
   """queries.png: each sample image with its query text and boxes, reconstructed with and without it."""
   batch = samples["batch"]
-  tokenizer = loop.query_tokenizer(config)
+  tokenizer = builders.query_tokenizer(config)
   texts = [tokenizer.decode(ids[mask]) for ids, mask in zip(batch["query_ids"], batch["query_mask"])]
   boxes = [region[mask] for region, mask in zip(batch["boxes"], batch["box_mask"])]
   shown = {key: (samples[key], per_image[key]["lengths"][:SAMPLE_IMAGES],
