@@ -119,6 +119,15 @@ def test_laplacian_variance_grows_with_texture():
 
 # --- FID statistics --------------------------------------------------------------------------------------
 
+def test_spearman_is_undefined_for_constant_input_and_rank_based_otherwise():
+  lengths = np.array([1, 4, 9, 64])
+  assert metrics.spearman(np.array([0.1, 0.2, 0.3, 5.0]), lengths) == pytest.approx(1.0)  # ranks, not values
+  assert metrics.spearman(-lengths, lengths) == pytest.approx(-1.0)
+  assert metrics.spearman(np.ones(4), lengths) is None  # undefined, not 0
+  assert metrics.spearman(lengths, np.full(4, 8)) is None
+  assert metrics.spearman(np.array([1.0]), np.array([2.0])) is None
+
+
 def test_feature_statistics_stream_equals_one_pass():
   features = np.random.default_rng(0).normal(3.0, 2.0, size=(301, 7))
   stats = metrics.FeatureStatistics()

@@ -1,5 +1,5 @@
-"""Image metrics and FID statistics: PSNR, SSIM, the paper's image complexity, streaming feature moments and
-the Frechet distance.
+"""Image metrics and FID statistics: PSNR, SSIM, the paper's image complexity, Spearman's rank correlation
+(of lengths with complexity), streaming feature moments and the Frechet distance.
 
 Images are NHWC in [-1, 1], so the data range of PSNR and SSIM defaults to 2. PSNR, SSIM and the complexity
 are per image ([B]) and jit; the FID pieces are NumPy / SciPy in float64, as pytorch-fid computes them.
@@ -90,6 +90,14 @@ def laplacian_variance(images: jax.Array | np.ndarray) -> jax.Array | np.ndarray
   laplacian = (grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
                - 4.0 * grey[:, 1:-1, 1:-1])  # [B, H-2, W-2]
   return laplacian.var(axis=(1, 2))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+  """Spearman's rank correlation; None where x or y is constant (it is undefined there, not 0)."""
+  from scipy import stats
+  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None
+  return float(stats.spearmanr(x, y).statistic)
 
 
 class FeatureStatistics:

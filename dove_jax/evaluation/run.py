@@ -179,14 +179,6 @@ def num_classes(source, *labels: np.ndarray) -> int:
 
 # -- figures from per-image arrays ------------------------------------------------------------------------
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-  """Spearman's rank correlation; None where x or y is constant (it is undefined there, not 0)."""
-  from scipy import stats
-  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-    return None
-  return float(stats.spearmanr(x, y).statistic)
-
-
 def length_by_decile(complexity: np.ndarray, lengths: np.ndarray) -> list[dict]:
   """Mean length in each tenth of the images ordered by complexity (equal counts; ties split by order)."""
   order = np.argsort(complexity, kind="stable")
@@ -228,7 +220,7 @@ def length_analysis(lengths: np.ndarray, complexities: dict[str, np.ndarray], ma
   return {"mean": float(lengths.mean()), "std": float(lengths.std()), "min": int(lengths.min()),
           "max": int(lengths.max()),
           "histogram": {str(length): int(counts[length]) for length in range(1, max_tokens + 1)},
-          "spearman": {name: spearman(c, lengths) for name, c in complexities.items()},
+          "spearman": {name: metrics.spearman(c, lengths) for name, c in complexities.items()},
           "deciles": {name: length_by_decile(c, lengths) for name, c in complexities.items()}}
 
 

@@ -287,7 +287,6 @@ class Evaluator:
     return self.functions.reconstruct(params, self.lpips, batch, budgets, query_inputs(batch, with_query))
 
   def metrics(self, params) -> dict:
-    from scipy import stats
     figures = {}
     for batch in self.batches:
       out = self._run(params, batch)
@@ -303,9 +302,10 @@ class Evaluator:
     results = {}
     if "lengths" in figures:
       lengths, complexity = figures.pop("lengths"), figures.pop("complexity")
-      spearman = stats.spearmanr(complexity, lengths).statistic if np.ptp(lengths) and np.ptp(complexity) else 0.0
-      results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std()),
-                 "eval/length_complexity_spearman": float(spearman)}
+      results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std())}
+      spearman = metrics_lib.spearman(complexity, lengths)
+      if spearman is not None:  # undefined while every length (or complexity) is the same: no point logged
+        results["eval/length_complexity_spearman"] = spearman
     if "no_query_lengths" in figures:
       results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
     if "has_outside_pixels" in figures:
