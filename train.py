@@ -4,11 +4,13 @@
   python train.py --config configs/dove.py --workdir runs/dove --config.init.vqgan=... --config.init.pythia=...
 
 Re-running the same command resumes from the latest checkpoint in --workdir. SIGTERM saves and exits.
+It prints a progress line every config.train.log_every steps, a line per evaluation, and warnings;
+--verbosity=0 (or -v 0) every library's log too. Every figure goes to TensorBoard (--workdir).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
-from dove_jax import xla
+from dove_jax import console, xla
 from dove_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
@@ -19,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.configure()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

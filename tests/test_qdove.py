@@ -16,6 +16,7 @@ from dove_jax import boxes, losses
 from dove_jax.data import pipeline, queries
 from dove_jax.models.dove import DOVE
 from dove_jax.text import ByteTokenizer
+from test_console import tensorboard_tags
 from test_dove import TINY, images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,13 +309,14 @@ def test_three_step_tiny_qdove_run_and_its_evaluation(tmp_path, builtin_data_dir
   result = python(train + ["--config.train.num_steps=3"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert (run / "checkpoints" / "3").is_dir()
+  recorded = tensorboard_tags(run)
   for name in ("train/rec", "train/outside_mse", "train/query_kept", "train/eos", "train/region_threshold",
                "eval/length_mean_no_query", "eval/mse_in_boxes", "eval/mse_outside_boxes"):
-    assert name in result.stderr, f"{name} not logged"
+    assert name in recorded, f"{name} not in TensorBoard"
   result = python(train + ["--config.train.num_steps=4"])  # resumes with both threshold buffers
   assert result.returncode == 0 and "resuming from step 3" in result.stderr, result.stderr[-3000:]
 
-  result = python(["eval.py", f"--workdir={run}", "--max_batches=2", "--probe_train_batches=2",
+  result = python(["eval.py", f"--workdir={run}", "--max_batches=2", "--probe_per_class=2",
                    f"--config.data.data_dir={data_dir}"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "query: mean length" in result.stdout, result.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_checkpoint import truncate
+from test_console import tensorboard_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,10 +208,17 @@ def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir, monkeypat
   assert (run / "checkpoints" / "3").is_dir()
   assert list((run / "compilation_cache").glob("jit_train_step-*")), "the train step was not cached"
   assert json.loads((run / "config.json").read_text())["model"]["image_size"] == 64
-  assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+  recorded = tensorboard_tags(run)
   for name in ("train/rec", "train/lpips", "train/eos", "train/length_mean", "train/eos_threshold",
                "train/lambda_eos", "train/grad_norm", "train/learning_rate", "eval/mse"):
-    assert name in result.stderr, f"{name} not logged"
+    assert name in recorded, f"{name} not in TensorBoard"
+  # Quiet by default: a progress line per logged step (with its mean length), no library's INFO lines.
+  printed = (result.stdout + result.stderr).splitlines()
+  progress = [line for line in printed if line.startswith("step ")]
+  assert [line.split(":")[0] for line in progress] == ["step 1/3", "step 2/3", "step 3/3"], printed
+  assert all(re.search(r", length \d", line) for line in progress), progress
+  # The tiny preset's 2,500 steps print these others, 50 progress lines and 5 evaluations': <= 60 lines.
+  assert len(printed) - len(progress) <= 6, printed
 
 
 def test_eos_term_is_a_mean_over_the_images_at_their_own_length():

@@ -185,7 +185,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (or resumes) DOVE as `config` says, writing checkpoints and metrics under `workdir`.
   Returns the last logged metrics."""
-  from clu import metric_writers, periodic_actions
+  from clu import periodic_actions
+  from dove_jax.training import progress
 
   workdir = Path(workdir)
   # ---------------------------------------------------------------------------- devices and config
@@ -197,7 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logging.info("compiled programs are cached in %s", xla.cache_compiled_programs(workdir / "compilation_cache"))
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ---------------------------------------------------------------------------- data
   train_source, eval_source = data_sources(config)
@@ -205,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   batch_size = config.data.global_batch_size
   steps_per_epoch = max(len(train_source) // batch_size, 1)
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+  writer = progress.create_writer(workdir, num_steps, batch_size, summaries=jax.process_index() == 0)
   # Yields (host batch, global batch on the mesh); its checkpointed state is the train step's position.
   train_iter = DevicePrefetcher(iter(pipeline.make_dataset(
       train_source, image_size=config.model.image_size, global_batch_size=batch_size, seed=config.seed,
