@@ -7,6 +7,8 @@ Re-running the same command resumes from the latest checkpoint in --workdir. SIG
 It prints a progress line every config.train.log_every steps, a line per evaluation, and warnings;
 --verbosity=0 (or -v 0) every library's log too. Every figure goes to TensorBoard (--workdir).
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -22,7 +24,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.configure()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (FileNotFoundError, ValueError) as e:
+    # A config, data or weights error is one line. A ValueError can also be a bug: --verbosity keeps its
+    # traceback.
+    if console.verbose():
+      raise
+    sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":

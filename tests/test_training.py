@@ -87,11 +87,15 @@ def test_config_typo_fails_before_any_compute(tmp_path):
   assert result.returncode != 0
   assert "lerning_rate" in result.stderr and 'Did you mean "learning_rate"' in result.stderr
   assert not (tmp_path / "run").exists()
-  result = python(["train.py", "--config", "configs/dove.py:tiny", f"--workdir={tmp_path / 'run'}",
-                   "--config.loss.gan_kind=hinj"])
+  hinj = ["train.py", "--config", "configs/dove.py:tiny", f"--workdir={tmp_path / 'run'}",
+          "--config.loss.gan_kind=hinj"]
+  result = python(hinj)
   assert result.returncode != 0
-  assert "config.loss.gan_kind = 'hinj'; expected one of ('hinge', 'non_saturating')" in result.stderr
+  message = "config.loss.gan_kind = 'hinj'; expected one of ('hinge', 'non_saturating')"
+  assert f"train.py: {message}" in result.stderr.splitlines() and "Traceback" not in result.stderr, result.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
+  verbose = python([*hinj, "--verbosity=0"])  # a ValueError may be a bug: --verbosity shows where it came from
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr and message in verbose.stderr
   assert time.perf_counter() - start < 120
 
 
