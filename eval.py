@@ -12,7 +12,8 @@
 
 Without --config the run's own config (workdir/config.json) is used, and `--config.x.y=...` overrides its
 fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out). The protocol
-of every figure, beside the paper's: docs/evaluation.md.
+of every figure, beside the paper's: docs/evaluation.md. The summary goes to stdout; --verbosity=0 (or -v 0)
+shows every library's log on stderr too.
 """
 import re
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from dove_jax import xla
+from dove_jax import console, xla
 from dove_jax.evaluation import run
 from dove_jax.tensor_io import ConversionError
 
@@ -86,6 +87,7 @@ def shipped_weights(config, workdir: str) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.configure()
   try:
     weights = _WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value)
     probe_settings = run.ProbeSettings(per_class=_PROBE_PER_CLASS.value, dataset=_PROBE_DATASET.value,
