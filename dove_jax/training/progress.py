@@ -40,27 +40,30 @@ class ConsoleWriter(metric_writers.LoggingWriter):
       logging.info("%s", eval_line(step, scalars))
 
   def progress_line(self, step: int, scalars) -> str:
-    figures = [f"{shown} {float(scalars['train/' + name]):.4g}" for name, shown in PROGRESS_TERMS.items()
-               if "train/" + name in scalars]
+    shown = figures(scalars, "train/", PROGRESS_TERMS)
     now = self.clock()
     if self.last is not None and step > self.last[0]:
       steps_per_second = (step - self.last[0]) / (now - self.last[1])
       eta = datetime.timedelta(seconds=round((self.num_steps - step) / steps_per_second))
-      figures += [f"{steps_per_second * self.batch_size:.1f} images/s", f"ETA {eta}"]
+      shown += [f"{steps_per_second * self.batch_size:.1f} images/s", f"ETA {eta}"]
     self.last = (step, now)
-    return f"step {step}/{self.num_steps}: " + ", ".join(figures)
+    return f"step {step}/{self.num_steps}: " + ", ".join(shown)
+
+
+def figures(scalars, prefix: str, terms: dict[str, str]) -> list[str]:
+  """"name value" for each of `terms` (metric -> name shown) written as `prefix` + metric."""
+  return [f"{shown} {float(scalars[prefix + name]):.4g}" for name, shown in terms.items() if prefix + name in scalars]
 
 
 def eval_line(step: int, scalars) -> str:
   """The evaluation's lengths, MSE and PSNR at each forced budget (the quality-versus-tokens curve)."""
-  figures = [f"{shown} {float(scalars['eval/' + name]):.4g}" for name, shown in EVAL_TERMS.items()
-             if "eval/" + name in scalars]
+  shown = figures(scalars, "eval/", EVAL_TERMS)
   psnr = {int(name.split("_")[2]): value for name, value in scalars.items() if name.startswith("eval/psnr_at_")}
   if psnr:
     budgets = sorted(psnr)
-    figures.append(f"PSNR {' / '.join(f'{psnr[b]:.2f}' for b in budgets)} dB at "
-                   f"{' / '.join(map(str, budgets))} tokens")
-  return f"eval at step {step}: " + ", ".join(figures)
+    shown.append(f"PSNR {' / '.join(f'{psnr[b]:.2f}' for b in budgets)} dB at "
+                 f"{' / '.join(map(str, budgets))} tokens")
+  return f"eval at step {step}: " + ", ".join(shown)
 
 
 def create_writer(workdir: Path, num_steps: int, batch_size: int, summaries: bool):
