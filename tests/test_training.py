@@ -194,6 +194,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   third = python(train_command(tmp_path / "b", data_dir, 12, *fast))
   assert third.returncode == 0, third.stderr[-3000:]
   assert re.search(rf"checkpoint {latest} does not restore \(.+\): resumed from step {latest - 1}", third.stderr)
+  assert f"resuming from step {latest - 1}" in third.stderr  # the step restored, not the damaged one
   assert (checkpoints / f"{latest}.corrupt-1").is_dir()
   assert re.search(LOADED_FROM_CACHE, third.stderr)
   params_a, everything_a = final_params(tmp_path / "a", 12)

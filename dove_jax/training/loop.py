@@ -195,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
   workdir.mkdir(parents=True, exist_ok=True)
   if config.train.compilation_cache:
-    logging.info("compiled programs are cached in %s", xla.cache_compiled_programs(workdir / "compilation_cache"))
+    logging.debug("compiled programs are cached in %s", xla.cache_compiled_programs(workdir / "compilation_cache"))
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -218,8 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=config.train.checkpoint_every,
                                  keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    logging.info("resuming from step %d", ckpt.latest_step())
     state = ckpt.restore(checkpoint.abstract_like(state, setup.shardings), train_iter)
+    logging.info("resuming from step %d", int(jax.device_get(state.step)))  # past any damaged newer one
   evaluator = Evaluator(config, setup.model_def, eval_source, setup.lpips)
 
   # ---------------------------------------------------------------------------- loop
