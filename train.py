@@ -7,6 +7,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir. SIG
 It prints a progress line every config.train.log_every steps, a line per evaluation, and warnings;
 --verbosity=0 (or -v 0) every library's log too. Every figure goes to TensorBoard (--workdir).
 """
+
 import sys
 
 from absl import app, flags

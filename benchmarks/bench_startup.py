@@ -9,6 +9,7 @@ and trace and compile the train step. Each config runs twice on one empty cache 
 (`xla.cache_compiled_programs`, as train.py does with workdir/compilation_cache): the first process
 compiles and stores, the second is what a resumed or repeated run pays. Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,26 +44,40 @@ def startup(name: str, cache: str, batch: int) -> dict:
     jax.block_until_ready(setup.state)
     init_s = time.perf_counter() - start
   size = config.model.image_size
-  data = meshlib.global_batch({"image": np.zeros((batch, size, size, 3), np.float32),
-                               "valid": np.ones((batch,), bool)}, mesh)
+  data = meshlib.global_batch(
+      {"image": np.zeros((batch, size, size, 3), np.float32), "valid": np.ones((batch,), bool)},
+      mesh,
+  )
   with xla.CompileCounter() as step_programs:
     start = time.perf_counter()
     setup.train_step.lower(setup.state, data, setup.lpips).compile()
     compile_s = time.perf_counter() - start
-  return {"init_s": init_s, "init_programs": init_programs.count, "init_from_cache": init_programs.cache_hits,
-          "train_step_compile_s": compile_s, "train_step_from_cache": step_programs.cache_hits}
+  return {
+      "init_s": init_s,
+      "init_programs": init_programs.count,
+      "init_from_cache": init_programs.cache_hits,
+      "train_step_compile_s": compile_s,
+      "train_step_from_cache": step_programs.cache_hits,
+  }
 
 
 def run_child(name: str, cache: str, batch: int) -> dict:
-  result = subprocess.run([sys.executable, __file__, "--child", name, "--cache", cache, "--batch", str(batch)],
-                          capture_output=True, text=True, cwd=ROOT, check=False)
+  result = subprocess.run(
+      [sys.executable, __file__, "--child", name, "--cache", cache, "--batch", str(batch)],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      check=False,
+  )
   if result.returncode:
     raise RuntimeError(f"{name} startup failed:\n{result.stderr[-3000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--paper", action="store_true", help="also the paper config (batch 1)")
   parser.add_argument("--batch", type=int, default=8, help="tiny-config batch")
   parser.add_argument("--out", default="benchmarks/results_startup.json")
@@ -76,15 +91,20 @@ def main() -> None:
   results = {}
   for name, batch in [("tiny", args.batch)] + ([("paper", 1)] if args.paper else []):
     with tempfile.TemporaryDirectory() as cache:
-      results[name] = {"batch": batch, "compiled": run_child(name, cache, batch),
-                       "from_cache": run_child(name, cache, batch)}
+      results[name] = {
+          "batch": batch,
+          "compiled": run_child(name, cache, batch),
+          "from_cache": run_child(name, cache, batch),
+      }
   print("| config | run | build state s | programs (from cache) | compile train step s | total s |")
   print("|---|---|---|---|---|---|")
   for name, runs in results.items():
     for run, r in (("compiled", runs["compiled"]), ("from cache", runs["from_cache"])):
       total = r["init_s"] + r["train_step_compile_s"]
-      print(f"| {name}, batch {runs['batch']} | {run} | {r['init_s']:.1f} | {r['init_programs']} "
-            f"({r['init_from_cache']}) | {r['train_step_compile_s']:.1f} | {total:.1f} |")
+      print(
+          f"| {name}, batch {runs['batch']} | {run} | {r['init_s']:.1f} | {r['init_programs']} "
+          f"({r['init_from_cache']}) | {r['train_step_compile_s']:.1f} | {total:.1f} |"
+      )
   Path(args.out).write_text(json.dumps(results, indent=2))
 
 

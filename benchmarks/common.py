@@ -1,4 +1,5 @@
 """What both sides of the benchmark share, without importing either framework: inputs and timing."""
+
 from __future__ import annotations
 
 import resource
@@ -10,19 +11,25 @@ import numpy as np
 
 def bench_inputs(image_size: int, batch: int) -> np.ndarray:
   """The images both sides run on: [B, H, W, 3] in [-1, 1], NHWC."""
-  return np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+  return (
+      np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+  )
 
 
 def seconds(fn):
   """fn (which must block until done) -> a call that runs it once and returns the seconds it took."""
+
   def call() -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
   return call
 
 
-def interleaved_times(calls: dict, repeats: int, settle_s: float = 0.0, warm_calls: int = 0) -> dict[str, dict]:
+def interleaved_times(
+    calls: dict, repeats: int, settle_s: float = 0.0, warm_calls: int = 0
+) -> dict[str, dict]:
   """Each of `calls` (name -> a call returning the seconds it took) once to warm up, then `repeats` rounds
   that give each a turn, so that every side meets the same moments of a shared, noisy machine. A turn sleeps
   `settle_s` (so that the previous side's threads stop spinning: OpenMP's and OpenBLAS's spin for a while
@@ -30,6 +37,7 @@ def interleaved_times(calls: dict, repeats: int, settle_s: float = 0.0, warm_cal
   untimed calls (so that each side is timed in its steady state, as in a loop of its own: the first call
   after another process ran pays for memory that process took), then the timed one. Per name: the median
   (the figure we quote), the best (how far the noise reaches) and every time."""
+
   def turn(call, warm_calls):
     time.sleep(settle_s)
     for _ in range(warm_calls):
@@ -41,8 +49,16 @@ def interleaved_times(calls: dict, repeats: int, settle_s: float = 0.0, warm_cal
   for _ in range(repeats):
     for name, call in calls.items():
       times[name].append(turn(call, warm_calls))
-  return {name: {"first_s": first[name], "median_s": statistics.median(times[name]), "best_s": min(times[name]),
-                 "repeats": repeats, "times_s": times[name]} for name in calls}
+  return {
+      name: {
+          "first_s": first[name],
+          "median_s": statistics.median(times[name]),
+          "best_s": min(times[name]),
+          "repeats": repeats,
+          "times_s": times[name],
+      }
+      for name in calls
+  }
 
 
 def median_time(fn, repeats: int) -> dict:

@@ -9,6 +9,7 @@ The tiny preset is stage 2 of the built-in recipe: it starts from the stage-1 VQ
 stage-1 run to use that instead. The config is locked: a mistyped field fails before any compute, naming the
 field.
 """
+
 from pathlib import Path
 
 import ml_collections
@@ -24,9 +25,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.image_size = 256
   # The aMUSEd / open-MUSE VQ-GAN (diffusers VQModel layout): x16 downsampling, 8192 codes of width 64.
-  config.model.vqgan = dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2,
-                            latent_channels=64, num_vq_embeddings=8192, vq_embed_dim=64,
-                            norm_num_groups=32, mid_block_attention=False)
+  config.model.vqgan = dict(
+      block_out_channels=(128, 256, 256, 512, 768),
+      layers_per_block=2,
+      latent_channels=64,
+      num_vq_embeddings=8192,
+      vq_embed_dim=64,
+      norm_num_groups=32,
+      mid_block_attention=False,
+  )
   # Both transformers are Pythia-70M-shaped (GPT-NeoX); the generator is causal, the decoder bidirectional.
   config.model.generator = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
   config.model.decoder = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
@@ -34,9 +41,13 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model.eos_threshold = 0.5
   # Not stated by the paper, so configurable:
   config.model.quantize_features = False  # feed the generator the quantized H_v
-  config.model.requantize_output = False  # snap decoded latents to the codebook before the VQGAN decoder
+  config.model.requantize_output = (
+      False  # snap decoded latents to the codebook before the VQGAN decoder
+  )
   config.model.eos_bias_init = -4.0  # start at full length
-  config.model.token_dim = 0  # > 0: tokens projected to this width; 0 = the generator's width (the paper)
+  config.model.token_dim = (
+      0  # > 0: tokens projected to this width; 0 = the generator's width (the paper)
+  )
   config.model.dtype = ""  # compute dtype of the transformers: "" (float32) or "bfloat16"
   # What the backward pass keeps of each VQ-GAN resnet block and transformer block (memory for compute):
   # "none", "save_matmuls" (recompute norms and activations) or "blocks" (recompute whole blocks).
@@ -48,7 +59,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.init.pythia = ""  # a Hugging Face GPT-NeoX folder (Pythia-70M for the paper model)
   config.init.weights = ""  # or a whole-model .safetensors from `python -m dove_jax.convert`
   config.init.checkpoint = ""  # or a training run's workdir: its latest parameters (applied last)
-  config.init.from_scratch = False  # True: none of the above on purpose (training refuses to start otherwise)
+  config.init.from_scratch = (
+      False  # True: none of the above on purpose (training refuses to start otherwise)
+  )
 
   # Input. source: "builtin" (generated locally), "tfds" (a data set prepared under data_dir) or "folder".
   config.data = ml_collections.ConfigDict()
@@ -74,7 +87,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.loss.gan_kind = "hinge"  # or "non_saturating"
   config.loss.gan_start_step = 0
   config.loss.vq_weight = 1.0  # the quantizer's loss, when quantize_features is set
-  config.loss.threshold_window = 100  # the EOS threshold: mean L_rec of the own-length images, this many last steps
+  config.loss.threshold_window = (
+      100  # the EOS threshold: mean L_rec of the own-length images, this many last steps
+  )
   config.loss.eos_weight_start = 1e-6  # lambda_eos grows from this ...
   config.loss.eos_weight_end = 1e-2  # ... to this ...
   config.loss.eos_weight_steps = 20_000  # ... over this many steps ...
@@ -92,7 +107,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.optim.learning_rate = 1e-4
   config.optim.disc_learning_rate = 1e-4
   config.optim.warmup_steps = 2_000
-  config.optim.final_learning_rate = 0.0  # where the cosine decay ends, as a fraction of learning_rate
+  config.optim.final_learning_rate = (
+      0.0  # where the cosine decay ends, as a fraction of learning_rate
+  )
   config.optim.weight_decay = 0.01
   config.optim.b1 = 0.9
   config.optim.b2 = 0.99
@@ -122,9 +139,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   if preset == "tiny":
     config.model.image_size = 64
     # Narrow at full resolution: XLA's CPU convolutions are slow on few channels at 64 x 64.
-    config.model.vqgan = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=16,
-                              num_vq_embeddings=512, vq_embed_dim=16, norm_num_groups=8,
-                              mid_block_attention=False)
+    config.model.vqgan = dict(
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=16,
+        num_vq_embeddings=512,
+        vq_embed_dim=16,
+        norm_num_groups=8,
+        mid_block_attention=False,
+    )
     config.model.generator = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.decoder = dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256)
     config.model.max_tokens = 64

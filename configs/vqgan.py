@@ -8,6 +8,7 @@ codebook losses), for data the paper's pretrained VQ-GAN (aMUSEd) does not cover
 The same model section as configs/dove.py (so a stage-2 DOVE loads this VQ-GAN as it is); the transformers
 are not trained and not saved into the VQ-GAN weights (`python -m dove_jax.export --part vqgan`).
 """
+
 import ml_collections
 
 from configs import dove

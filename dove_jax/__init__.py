@@ -6,6 +6,7 @@
 
 Importing the package loads neither TensorFlow nor PyTorch.
 """
+
 from dove_jax.models.dove import DOVE, DOVEOutput, Tokens
 from dove_jax.models.eos import apply_mask, eos_mask
 from dove_jax.weights import load_weights, save_weights

@@ -8,6 +8,7 @@ Each image carries up to K boxes, padded with a mask ([B, K, 4] and [B, K]), so 
 An image with an empty query (or no valid box) is reconstructed as a whole: its relevant region is the
 whole-image box. The NumPy functions run on the host in the input pipeline; the JAX ones in the train step.
 """
+
 from __future__ import annotations
 
 import jax
@@ -19,6 +20,7 @@ WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 # -- host side: checking and moving boxes with the image crop --------------------------------------------
 
+
 def check_boxes(boxes, where: str) -> np.ndarray:
   """float32 [R, 4] boxes, or ValueError naming `where` (the record) and the first bad box.
 
@@ -26,8 +28,10 @@ def check_boxes(boxes, where: str) -> np.ndarray:
   """
   boxes = np.asarray(boxes, np.float32)
   if boxes.ndim != 2 or boxes.shape[-1] != 4:
-    raise ValueError(f"{where}: boxes must have shape [num_boxes, 4] (ymin, xmin, ymax, xmax); "
-                     f"got {boxes.shape}")
+    raise ValueError(
+        f"{where}: boxes must have shape [num_boxes, 4] (ymin, xmin, ymax, xmax); "
+        f"got {boxes.shape}"
+    )
   for index, (ymin, xmin, ymax, xmax) in enumerate(boxes):
     problem = None
     if not np.all(np.isfinite(boxes[index])):
@@ -37,13 +41,16 @@ def check_boxes(boxes, where: str) -> np.ndarray:
     elif ymax <= ymin or xmax <= xmin:
       problem = "is empty: it needs ymin < ymax and xmin < xmax"
     if problem:
-      raise ValueError(f"{where}: box {index} (ymin, xmin, ymax, xmax) = "
-                       f"({ymin:.4g}, {xmin:.4g}, {ymax:.4g}, {xmax:.4g}) {problem}")
+      raise ValueError(
+          f"{where}: box {index} (ymin, xmin, ymax, xmax) = "
+          f"({ymin:.4g}, {xmin:.4g}, {ymax:.4g}, {xmax:.4g}) {problem}"
+      )
   return boxes
 
 
-def crop_boxes_np(boxes: np.ndarray, height: int, width: int, top: int, left: int,
-                  size: int) -> np.ndarray:
+def crop_boxes_np(
+    boxes: np.ndarray, height: int, width: int, top: int, left: int, size: int
+) -> np.ndarray:
   """Boxes [R, 4] of a height x width image -> boxes of its `size` x `size` crop at (top, left), clipped.
   A box that falls outside the crop comes out empty (ymax <= ymin or xmax <= xmin)."""
   scale = np.array([height, width, height, width], np.float32)
@@ -64,13 +71,16 @@ def nonempty(boxes: np.ndarray) -> np.ndarray:
 
 # -- device side: masks and crops -------------------------------------------------------------------------
 
+
 def has_query_boxes(box_mask: jax.Array, query_mask: jax.Array) -> jax.Array:
   """box_mask [B, K], query_mask [B, Q] bool -> [B] bool: the image has a query (a token that is not padding)
   and a valid box for it, so its relevant region is its boxes rather than the whole image."""
   return jnp.any(query_mask, axis=1) & jnp.any(box_mask, axis=1)
 
 
-def relevant_boxes(boxes: jax.Array, box_mask: jax.Array, query_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relevant_boxes(
+    boxes: jax.Array, box_mask: jax.Array, query_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The boxes the query loss uses: those given, or the whole image where the query is empty (every token
   padding, e.g. a dropped query) or has no valid box.
 
@@ -78,7 +88,9 @@ def relevant_boxes(boxes: jax.Array, box_mask: jax.Array, query_mask: jax.Array)
   """
   whole = ~has_query_boxes(box_mask, query_mask)  # [B]
   first = jnp.arange(boxes.shape[1]) == 0  # [K]
-  whole_boxes = jnp.where(first[:, None], jnp.asarray(WHOLE_IMAGE, boxes.dtype), boxes)  # [K, 4] per image
+  whole_boxes = jnp.where(
+      first[:, None], jnp.asarray(WHOLE_IMAGE, boxes.dtype), boxes
+  )  # [K, 4] per image
   boxes = jnp.where(whole[:, None, None], whole_boxes, boxes)
   box_mask = jnp.where(whole[:, None], first[None, :], box_mask)
   return boxes, box_mask
@@ -114,8 +126,15 @@ def crop_and_resize(images: jax.Array, boxes: jax.Array, size: int) -> jax.Array
   def crop_one(image, box):  # [H, W, C], [4] -> [size, size, C]
     start, stop = box[:2] * extent, box[2:] * extent  # pixel edges
     scale = size / jnp.maximum(stop - start, 1e-3)
-    return jax.image.scale_and_translate(image, (size, size, channels), (0, 1), scale, -start * scale,
-                                         method="linear", antialias=True)
+    return jax.image.scale_and_translate(
+        image,
+        (size, size, channels),
+        (0, 1),
+        scale,
+        -start * scale,
+        method="linear",
+        antialias=True,
+    )
 
   per_image = jax.vmap(crop_one, in_axes=(None, 0))  # one image, K boxes
   return jax.vmap(per_image)(images, boxes.astype(jnp.float32)).astype(images.dtype)

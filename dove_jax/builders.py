@@ -1,5 +1,6 @@
 """Config -> objects, shared by training and evaluation: the model with its initial weights, the data
 sources, and Q-DOVE's query tokenizer and input-pipeline step."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,10 @@ def query_tokenizer(config: ml_collections.ConfigDict):
   """The configured query tokenizer; "gpt-neox" reads tokenizer.json from query.tokenizer_path, or else
   from the init.pythia folder."""
   from dove_jax import text
-  return text.load_tokenizer(config.query.tokenizer, config.query.tokenizer_path or config.init.pythia)
+
+  return text.load_tokenizer(
+      config.query.tokenizer, config.query.tokenizer_path or config.init.pythia
+  )
 
 
 def query_step(config: ml_collections.ConfigDict):
@@ -25,25 +29,32 @@ def query_step(config: ml_collections.ConfigDict):
   if "query" not in config:
     return None
   from dove_jax.data.queries import SelectQuery
+
   return SelectQuery(query_tokenizer(config), config.query.max_length, config.query.max_boxes)
 
 
 def data_sources(config: ml_collections.ConfigDict):
   """(train, eval) random-access sources for the configured data set."""
   from dove_jax.data import builtin, sources
+
   data = config.data
   data_dir = str(Path(data.data_dir).expanduser())
   if data.source == "builtin":
     return builtin.load_builtin(config.model.image_size, data_dir)
   if data.source == "tfds":
-    return (sources.tfds_source(data.name, data.train_split, data_dir),
-            sources.tfds_source(data.name, data.eval_split, data_dir))
+    return (
+        sources.tfds_source(data.name, data.train_split, data_dir),
+        sources.tfds_source(data.name, data.eval_split, data_dir),
+    )
   if data.source == "visual_genome":
     from dove_jax.data.visual_genome import VisualGenomeSource
+
     regions = VisualGenomeSource(Path(data.folder).expanduser())
     return sources.split_off(regions, data.eval_size)
   # The held-out images (a hash of each path below data.eval_fraction) are never trained on.
-  return sources.folder_split(sources.ImageFolderSource(Path(data.folder).expanduser()), data.eval_fraction)
+  return sources.folder_split(
+      sources.ImageFolderSource(Path(data.folder).expanduser()), data.eval_fraction
+  )
 
 
 def build_model(config: ml_collections.ConfigDict) -> DOVE:

@@ -3,6 +3,7 @@ warnings and errors; the libraries' INFO logs (orbax's checkpoint steps, TFDS's 
 JAX, TensorFlow's C++ start-up lines) only with absl's `--verbosity` (`-v 0`: every INFO line, as absl
 prints it).
 """
+
 import logging
 import os
 import re
@@ -18,13 +19,18 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 NATIVE_RECORD = re.compile(r"^(?=[IWEF]\d{4} |WARNING: )", re.MULTILINE)
 # What TensorFlow's C++ side logs on import: INFO records ("oneDNN custom operations are on") and absl's
 # note that it logs before being initialised.
-NATIVE_START_UP = re.compile(r"I\d{4} |WARNING: All log messages before absl::InitializeLog\(\) is called")
+NATIVE_START_UP = re.compile(
+    r"I\d{4} |WARNING: All log messages before absl::InitializeLog\(\) is called"
+)
 
 
 def ours_or_warning(record: logging.LogRecord) -> bool:
   """Whether a record is shown by default: any warning or error, INFO only from dove_jax. absl names the
-  calling file of every record, the only mark of a library's INFO line (they all log through "absl")."""
-  return record.levelno > logging.INFO or os.path.abspath(record.pathname).startswith(PACKAGE + os.sep)
+  calling file of every record, the only mark of a library's INFO line (they all log through "absl").
+  """
+  return record.levelno > logging.INFO or os.path.abspath(record.pathname).startswith(
+      PACKAGE + os.sep
+  )
 
 
 def verbose(flag_values: flags.FlagValues = flags.FLAGS) -> bool:

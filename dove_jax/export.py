@@ -6,6 +6,7 @@
 The file loads with `dove_jax.load_weights` (a whole model), as `--config.init.weights` or `eval.py
 --weights`; a `--part vqgan` file is a stage-1 VQ-GAN for `--config.init.vqgan`.
 """
+
 import sys
 
 from absl import app, flags
@@ -13,7 +14,9 @@ from absl import app, flags
 from dove_jax.evaluation import run
 from dove_jax.weights import save_weights
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run (its checkpoints/ and config.json)", required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "the training run (its checkpoints/ and config.json)", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "the .safetensors file to write", required=True)
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
 _PART = flags.DEFINE_string("part", "", "only the parameters under this path prefix, e.g. vqgan")

@@ -6,6 +6,7 @@ Every function is pure, with static shapes and no Python branch on array values,
 inside a jitted train step. Losses are per image ([B]) where the paper's formula is per image; the train step
 takes the batch mean.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,15 +23,23 @@ def mse_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
 
 
-def reconstruction_loss(mse: jax.Array, lpips: jax.Array, gan: jax.Array, *, mse_weight: float = 1.0,
-                        lpips_weight: float = 0.1, gan_weight: float = 5e-10) -> jax.Array:
+def reconstruction_loss(
+    mse: jax.Array,
+    lpips: jax.Array,
+    gan: jax.Array,
+    *,
+    mse_weight: float = 1.0,
+    lpips_weight: float = 0.1,
+    gan_weight: float = 5e-10,
+) -> jax.Array:
   """The paper's L_rec per image: [B] x3 -> [B]. The tiny GAN weight is the paper's: it avoids
   hallucinated detail."""
   return mse_weight * mse + lpips_weight * lpips + gan_weight * gan
 
 
-def eos_length_loss(eos_prob: jax.Array, lengths: jax.Array, rec_loss: jax.Array,
-                    threshold: jax.Array) -> jax.Array:
+def eos_length_loss(
+    eos_prob: jax.Array, lengths: jax.Array, rec_loss: jax.Array, threshold: jax.Array
+) -> jax.Array:
   """L_eos per image: [B, n] -> [B].
 
   An image reconstructed worse than the threshold (L_rec > threshold) needs more tokens: its loss is
@@ -64,7 +73,9 @@ def threshold_buffer(size: int = 100) -> dict[str, jax.Array]:
   return dict(values=jnp.zeros((size,), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
-def threshold_update(buffer: dict[str, jax.Array], rec_loss: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+def threshold_update(
+    buffer: dict[str, jax.Array], rec_loss: jax.Array, weights: jax.Array
+) -> dict[str, jax.Array]:
   """Records one step's weighted mean of the per-image L_rec ([B], weights [B]) at slot count % size,
   overwriting the oldest once full; a step whose weights are all 0 records nothing.
 
@@ -76,9 +87,13 @@ def threshold_update(buffer: dict[str, jax.Array], rec_loss: jax.Array, weights:
   values, count = buffer["values"], buffer["count"]
   rec_loss, weights = jax.lax.stop_gradient(rec_loss), jax.lax.stop_gradient(weights)
   total = jnp.sum(weights)
-  value = jnp.sum(jnp.where(weights > 0, rec_loss * weights, 0.0)) / jnp.where(total > 0, total, 1.0)
+  value = jnp.sum(jnp.where(weights > 0, rec_loss * weights, 0.0)) / jnp.where(
+      total > 0, total, 1.0
+  )
   recorded = total > 0
-  values = jnp.where(recorded, values.at[count % values.shape[0]].set(value.astype(values.dtype)), values)
+  values = jnp.where(
+      recorded, values.at[count % values.shape[0]].set(value.astype(values.dtype)), values
+  )
   return dict(values=values, count=count + recorded.astype(count.dtype))
 
 
@@ -94,8 +109,9 @@ def threshold_value(buffer: dict[str, jax.Array]) -> jax.Array:
   return jnp.where(filled > 0, total / jnp.maximum(filled, 1), -jnp.inf)
 
 
-def eos_weight_schedule(*, start: float = 1e-6, end: float, warmup_steps: int,
-                        kind: str = "exponential") -> optax.Schedule:
+def eos_weight_schedule(
+    *, start: float = 1e-6, end: float, warmup_steps: int, kind: str = "exponential"
+) -> optax.Schedule:
   """lambda_eos(step): tiny at first, growing to `end` over `warmup_steps`, then held at `end`.
 
   The paper says only that lambda_eos starts tiny and grows with the steps, so the curve is a choice:
@@ -104,26 +120,34 @@ def eos_weight_schedule(*, start: float = 1e-6, end: float, warmup_steps: int,
   `end` from step 0 (`start` unused).
   """
   if kind not in SCHEDULE_KINDS:
-    raise ValueError(f"Unknown eos weight schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}.")
+    raise ValueError(
+        f"Unknown eos weight schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}."
+    )
   if kind == "constant":
     return optax.constant_schedule(end)
   if not 0 < start <= end or warmup_steps < 1:
-    raise ValueError(f"The eos weight schedule needs 0 < start <= end and warmup_steps >= 1; got "
-                     f"start={start}, end={end}, warmup_steps={warmup_steps}.")
+    raise ValueError(
+        f"The eos weight schedule needs 0 < start <= end and warmup_steps >= 1; got "
+        f"start={start}, end={end}, warmup_steps={warmup_steps}."
+    )
   if kind == "linear":
     return optax.linear_schedule(start, end, warmup_steps)
   # With a decay rate above 1, optax's end_value is an upper bound: the curve stops at `end`.
   return optax.exponential_decay(start, warmup_steps, decay_rate=end / start, end_value=end)
 
 
-def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str = "hinge") -> jax.Array:
+def discriminator_loss(
+    real_logits: jax.Array, fake_logits: jax.Array, kind: str = "hinge"
+) -> jax.Array:
   """[B, h, w, 1] patch logits on real and reconstructed images -> [] (taming-transformers' d-losses:
   half the sum of the real and fake terms, each a mean over images and patches)."""
   real_logits, fake_logits = real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32)
   if kind == "hinge":
     real, fake = jax.nn.relu(1.0 - real_logits), jax.nn.relu(1.0 + fake_logits)
   elif kind == "non_saturating":
-    real, fake = jax.nn.softplus(-real_logits), jax.nn.softplus(fake_logits)  # -log D(x), -log(1 - D(G))
+    real, fake = jax.nn.softplus(-real_logits), jax.nn.softplus(
+        fake_logits
+    )  # -log D(x), -log(1 - D(G))
   else:
     raise ValueError(f"Unknown GAN loss kind {kind!r}; expected one of {GAN_KINDS}.")
   return 0.5 * (jnp.mean(real) + jnp.mean(fake))
@@ -144,7 +168,8 @@ def generator_gan_loss(fake_logits: jax.Array, kind: str = "hinge") -> jax.Array
 
 def gan_active(step: jax.Array | int, start_step: jax.Array | int) -> jax.Array:
   """[] float32 1.0 from `start_step` on, 0.0 before: taming's adopt_weight as a traced select, so the GAN
-  terms (multiplied by it) switch on inside the compiled step, with no Python branch and no recompile."""
+  terms (multiplied by it) switch on inside the compiled step, with no Python branch and no recompile.
+  """
   return jnp.where(jnp.asarray(step) >= start_step, 1.0, 0.0).astype(jnp.float32)
 
 

@@ -6,6 +6,7 @@ Inception): read the source tensors into a `Source` (it remembers which keys wer
 our parameter paths ('encoder/conv_in/kernel') to arrays, and hand it to `fill_params`, which checks every
 name and shape before it changes anything.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file
+
     try:
       return load_file(str(path))
     except Exception as e:  # bf16 tensors have no NumPy dtype, a truncated file fails to parse
@@ -41,15 +43,22 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     try:
       import torch
     except ImportError as e:
-      raise ConversionError(f"reading {path} needs PyTorch (pip install torch); "
-                            "or convert it to .safetensors first") from e
+      raise ConversionError(
+          f"reading {path} needs PyTorch (pip install torch); "
+          "or convert it to .safetensors first"
+      ) from e
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
       state = state["state_dict"]
-    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
-  raise ConversionError(f"unknown checkpoint format {path.suffix!r} for {path}; "
-                        "expected .safetensors, .bin, .pt or a model folder")
+    return {
+        k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+  raise ConversionError(
+      f"unknown checkpoint format {path.suffix!r} for {path}; "
+      "expected .safetensors, .bin, .pt or a model folder"
+  )
 
 
 def _read_folder(folder: Path) -> dict[str, np.ndarray]:
@@ -96,6 +105,7 @@ class Source:
 @dataclasses.dataclass
 class ConversionReport:
   """What a conversion did: how many parameters were set, and what it left aside and why."""
+
   origin: str
   converted: int
   ignored: dict[str, str]  # source key -> reason it is not needed
@@ -122,9 +132,15 @@ def param_dict(module: nnx.Module) -> dict[str, nnx.Variable]:
   return {param_path(path): var for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], source: Source,
-                ignorable: Mapping[str, str] = {}, *, prefix: str = "",
-                optional: tuple[str, ...] = ()) -> ConversionReport:
+def fill_params(
+    module: nnx.Module,
+    values: Mapping[str, np.ndarray | None],
+    source: Source,
+    ignorable: Mapping[str, str] = {},
+    *,
+    prefix: str = "",
+    optional: tuple[str, ...] = (),
+) -> ConversionReport:
   """Copies `values` into `module`'s parameters after checking all of them.
 
   `values` maps parameter paths (relative to `module`) to arrays; None marks a tensor the source lacked.
@@ -143,8 +159,10 @@ def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], sou
   problems += [f"checkpoint lacks {key} (needed by the model)" for key in source.missing]
   for name, value in sorted(values.items()):
     if name in params and value is not None and tuple(value.shape) != tuple(params[name].shape):
-      problems.append(f"parameter {prefix}{name}: checkpoint shape {tuple(value.shape)} "
-                      f"!= model shape {tuple(params[name].shape)}")
+      problems.append(
+          f"parameter {prefix}{name}: checkpoint shape {tuple(value.shape)} "
+          f"!= model shape {tuple(params[name].shape)}"
+      )
   unused = [k for k in source.unused() if not any(_matches(k, pat) for pat in ignorable)]
   problems += [f"checkpoint tensor {k} is not used by the model" for k in unused]
   if problems:
@@ -156,11 +174,16 @@ def fill_params(module: nnx.Module, values: Mapping[str, np.ndarray | None], sou
   return ConversionReport(source.origin, len(values), ignored)
 
 
-def fill_by_path(module: nnx.Module, source: Source, optional: tuple[str, ...] = ()) -> ConversionReport:
+def fill_by_path(
+    module: nnx.Module, source: Source, optional: tuple[str, ...] = ()
+) -> ConversionReport:
   """Fills `module` from a source keyed by our own parameter paths (a weights file, a checkpoint);
   parameters under an `optional` prefix that the source lacks keep their values."""
-  values = {name: source.take(name) for name in param_dict(module)
-            if name in source.tensors or not name.startswith(optional)}
+  values = {
+      name: source.take(name)
+      for name in param_dict(module)
+      if name in source.tensors or not name.startswith(optional)
+  }
   return fill_params(module, values, source, optional=optional)
 
 
@@ -180,4 +203,3 @@ def conv_kernel(w: np.ndarray | None) -> np.ndarray | None:
 def linear_kernel(w: np.ndarray | None) -> np.ndarray | None:
   """PyTorch linear weight [out, in] -> Flax kernel [in, out]."""
   return None if w is None else w.T
-

@@ -19,6 +19,7 @@ Two tokenizers:
 Nothing here downloads, and `tokenizers` is imported only when an HFTokenizer is loaded, so `import
 dove_jax` stays light.
 """
+
 from __future__ import annotations
 
 import abc
@@ -53,16 +54,18 @@ class QueryTokenizer(abc.ABC):
     empty string gives an all-False row (the empty query). To read a row back: decode(ids[i][mask[i]]).
     """
     if isinstance(texts, str):  # iterating a str would make one query per character
-      raise TypeError(f"encode_batch takes a list of queries, got the single string {texts!r}; wrap it "
-                      "in a list")
+      raise TypeError(
+          f"encode_batch takes a list of queries, got the single string {texts!r}; wrap it "
+          "in a list"
+      )
     if max_length < 1:
       raise ValueError(f"max_length must be at least 1, got {max_length}")
     ids = np.full((len(texts), max_length), self.pad_id, np.int32)
     mask = np.zeros((len(texts), max_length), bool)
     for row, text in enumerate(texts):
       tokens = self.encode(text)[:max_length]
-      ids[row, :len(tokens)] = tokens
-      mask[row, :len(tokens)] = True
+      ids[row, : len(tokens)] = tokens
+      mask[row, : len(tokens)] = True
     return ids, mask
 
 
@@ -110,14 +113,19 @@ class HFTokenizer(QueryTokenizer):
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-      raise FileNotFoundError(f"no tokenizer file at {file}, and nothing is downloaded: copy the model's "
-                              "tokenizer.json there (Pythia checkpoint folders have one) or point at a "
-                              "tokenizer.json or a folder holding one")
+      raise FileNotFoundError(
+          f"no tokenizer file at {file}, and nothing is downloaded: copy the model's "
+          "tokenizer.json there (Pythia checkpoint folders have one) or point at a "
+          "tokenizer.json or a folder holding one"
+      )
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel  # only when one is used
+
     try:
       tokenizer = Tokenizer.from_file(str(file))
     except Exception as e:  # pylint: disable=broad-except  # `tokenizers` raises a plain Exception
-      raise ValueError(f"{file} is not a tokenizer.json that the `tokenizers` library reads: {e}") from e
+      raise ValueError(
+          f"{file} is not a tokenizer.json that the `tokenizers` library reads: {e}"
+      ) from e
     return cls(tokenizer, str(file))
 
   def encode(self, text: str) -> list[int]:
@@ -140,8 +148,10 @@ def load_tokenizer(kind: str, path: str = "") -> QueryTokenizer:
     return ByteTokenizer()
   if kind in ("gpt-neox", "huggingface"):
     if not path:
-      raise ValueError(f"query.tokenizer={kind!r} reads a local tokenizer.json, but query.tokenizer_path "
-                       "is empty: set it to that file or to a folder holding it (e.g. a Pythia checkpoint "
-                       "folder), or use query.tokenizer='bytes'")
+      raise ValueError(
+          f"query.tokenizer={kind!r} reads a local tokenizer.json, but query.tokenizer_path "
+          "is empty: set it to that file or to a folder holding it (e.g. a Pythia checkpoint "
+          "folder), or use query.tokenizer='bytes'"
+      )
     return HFTokenizer.from_path(path)
   raise ValueError(f"unknown query.tokenizer {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")

@@ -5,6 +5,7 @@ A file made by `python -m dove_jax.convert` or `python -m dove_jax.export` loads
 checkpoint's parameters with `load_checkpoint_params`; any name or shape disagreement is reported per
 parameter, with both shapes, before anything is changed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,12 @@ def save_weights(model: nnx.Module, path: str | Path, part: str = "") -> int:
   """Writes the parameters of `model` (only those under the path prefix `part`, e.g. "vqgan", if given)
   keyed by their full paths. Returns how many tensors were written."""
   from safetensors.numpy import save_file
-  tensors = {name: np.asarray(var[...]) for name, var in param_dict(model).items()
-             if not part or name.startswith(part.rstrip("/") + "/")}
+
+  tensors = {
+      name: np.asarray(var[...])
+      for name, var in param_dict(model).items()
+      if not part or name.startswith(part.rstrip("/") + "/")
+  }
   if not tensors:
     raise ValueError(f"the model has no parameter under {part!r}")
   Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -40,11 +45,19 @@ def read_weights(path: str | Path) -> Source:
 
 def subtree(source: Source, prefix: str) -> Source:
   """The tensors under `prefix` ('vqgan/'), keyed relative to it: to fill that submodule alone."""
-  return Source({name[len(prefix):]: value for name, value in source.tensors.items() if name.startswith(prefix)},
-                f"{source.origin} ({prefix.rstrip('/')})")
+  return Source(
+      {
+          name[len(prefix) :]: value
+          for name, value in source.tensors.items()
+          if name.startswith(prefix)
+      },
+      f"{source.origin} ({prefix.rstrip('/')})",
+  )
 
 
-def load_weights(model: nnx.Module, path: str | Path, optional: tuple[str, ...] = ()) -> ConversionReport:
+def load_weights(
+    model: nnx.Module, path: str | Path, optional: tuple[str, ...] = ()
+) -> ConversionReport:
   """Every parameter of `model` from the file; those under an `optional` prefix may be missing there."""
   return fill_by_path(model, Source(read_tensors(path), str(path)), optional)
 
@@ -55,12 +68,14 @@ def checkpoint_folder(path: str | Path) -> Path:
   return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
 
 
-def read_checkpoint_params(directory: str | Path, step: int | None = None,
-                           item: str = "params") -> tuple[int, Source]:
+def read_checkpoint_params(
+    directory: str | Path, step: int | None = None, item: str = "params"
+) -> tuple[int, Source]:
   """The model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
   `directory` (a run's workdir or its checkpoints/ folder), keyed by parameter path. Returns the step and
   the tensors as a `Source`."""
   import orbax.checkpoint as ocp
+
   directory = checkpoint_folder(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint folder {directory}")
@@ -70,12 +85,19 @@ def read_checkpoint_params(directory: str | Path, step: int | None = None,
     raise FileNotFoundError(f"{wanted} not found in {directory} (steps there: {steps})")
   step = steps[-1] if step is None else step
   restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
-  tensors = {param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  tensors = {
+      param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]
+  }
   return step, Source(tensors, f"checkpoint {directory / str(step)}")
 
 
-def load_checkpoint_params(directory: str | Path, model: nnx.Module, step: int | None = None,
-                           item: str = "params", optional: tuple[str, ...] = ()) -> tuple[int, ConversionReport]:
+def load_checkpoint_params(
+    directory: str | Path,
+    model: nnx.Module,
+    step: int | None = None,
+    item: str = "params",
+    optional: tuple[str, ...] = (),
+) -> tuple[int, ConversionReport]:
   """Loads the model parameters of checkpoint `step` (default: the latest) in `directory` into `model`,
   e.g. for evaluation. A checkpoint of another config fails naming every parameter that differs, with both
   shapes, except that parameters under an `optional` prefix may be missing (a Q-DOVE started from a DOVE

@@ -5,6 +5,7 @@ On the CPU, jaxlib 0.10 hands convolutions, dots and the elementwise work around
 by default; on DOVE's convolution stacks those run slower than XLA's own kernels (docs/performance.md), so
 they are off. Other backends compile with their defaults.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -16,16 +17,24 @@ from pathlib import Path
 import jax
 from jax import monitoring
 
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: XLA's own CPU kernels
+CPU_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": ""
+}  # no YNNPACK fusions: XLA's own CPU kernels
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"  # glibc: transparent huge pages for its large blocks
 MIMALLOC_LIBRARY = "cmeel.prefix/lib/libmimalloc.so"  # in the cmeel-mimalloc wheel
-MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1",  # never return freed memory: the next call reuses it
-                    "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1",  # transparent huge pages for its arenas
-                    # Blocks beyond an arena's reach go straight to mmap and back to the OS on free, whatever
-                    # the purge delay (the paper step's 3.3 GB of temporaries): arenas that hold them.
-                    "MIMALLOC_ARENA_RESERVE": "8GiB",  # address space, committed as it is touched
-                    "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "64GiB"}
-MALLOC_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", *MIMALLOC_OPTIONS)  # any one set by the user: no restart
+MIMALLOC_OPTIONS = {
+    "MIMALLOC_PURGE_DELAY": "-1",  # never return freed memory: the next call reuses it
+    "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1",  # transparent huge pages for its arenas
+    # Blocks beyond an arena's reach go straight to mmap and back to the OS on free, whatever
+    # the purge delay (the paper step's 3.3 GB of temporaries): arenas that hold them.
+    "MIMALLOC_ARENA_RESERVE": "8GiB",  # address space, committed as it is touched
+    "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "64GiB",
+}
+MALLOC_VARIABLES = (
+    "LD_PRELOAD",
+    "GLIBC_TUNABLES",
+    *MIMALLOC_OPTIONS,
+)  # any one set by the user: no restart
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -96,7 +105,8 @@ def mimalloc_library() -> Path | None:
 def fast_malloc_environment() -> dict[str, str]:
   """The environment variables of the malloc that DOVE's CPU programs run best under (see
   `restart_with_fast_malloc`): mimalloc preloaded and keeping what is freed; without its wheel, glibc's
-  huge-page tunable; {} where neither applies (not Linux, no glibc or transparent huge pages for the tunable)."""
+  huge-page tunable; {} where neither applies (not Linux, no glibc or transparent huge pages for the tunable).
+  """
   if platform.system() != "Linux":
     return {}
   library = mimalloc_library()

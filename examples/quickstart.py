@@ -7,6 +7,7 @@ The tiny preset loads the DOVE shipped in weights/tiny (trained on the built-in 
 without --weights runs on random weights, whose lengths and reconstructions mean nothing: the run then
 shows only the API, the shapes and the speed of one compiled encode/decode that serves every length.
 """
+
 import argparse
 import importlib.util
 import time
@@ -42,10 +43,15 @@ def synthetic_images(size: int) -> np.ndarray:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
   parser.add_argument("--config", default="configs/dove.py:tiny")
-  parser.add_argument("--weights", help="a .safetensors file from dove_jax.convert or dove_jax.export "
-                      "(default for configs/dove.py:tiny: the shipped weights/tiny/dove.safetensors)")
+  parser.add_argument(
+      "--weights",
+      help="a .safetensors file from dove_jax.convert or dove_jax.export "
+      "(default for configs/dove.py:tiny: the shipped weights/tiny/dove.safetensors)",
+  )
   args = parser.parse_args()
   config = load_config(args.config)
   model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
@@ -64,11 +70,15 @@ def main():
   n = config.model.max_tokens
   for budget in [0, n // 8, n // 2, n]:  # 0: the model's own lengths
     start = time.perf_counter()
-    lengths, recon = jax.block_until_ready(reconstruct(state, images, jnp.full((4,), budget, jnp.int32)))
+    lengths, recon = jax.block_until_ready(
+        reconstruct(state, images, jnp.full((4,), budget, jnp.int32))
+    )
     mse = np.mean((np.asarray(recon) - np.asarray(images)) ** 2, axis=(1, 2, 3))
     label = "predicted" if budget == 0 else f"budget {budget}"
     mse_text = ", ".join(f"{m:.4f}" for m in mse)
-    print(f"{label:>10}: lengths {np.asarray(lengths).tolist()}  MSE [{mse_text}]  ({time.perf_counter() - start:.2f} s)")
+    print(
+        f"{label:>10}: lengths {np.asarray(lengths).tolist()}  MSE [{mse_text}]  ({time.perf_counter() - start:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

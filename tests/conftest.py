@@ -1,4 +1,5 @@
 """Shared test helpers."""
+
 import os
 
 import jax
@@ -20,6 +21,7 @@ def count_compiles():
 def builtin_data_dir(tmp_path_factory):
   """The built-in 64 px data set, generated once (~18 s) for every command-line run of the session."""
   from dove_jax.data.builtin import load_builtin
+
   path = tmp_path_factory.mktemp("builtin_data")
   load_builtin(64, str(path))
   return path

@@ -1,4 +1,5 @@
 """benchmarks/bench_cpu.py without the PyTorch reference (--no-torch: how it runs on an accelerator)."""
+
 import pytest
 
 from benchmarks import bench_cpu
@@ -25,8 +26,14 @@ def test_forward_alone_reports_ours_and_no_reference():
     assert run["torch"][phase] == {}
   assert "max_abs_diff_vs_torch" not in run
 
-  results = {"configs": {"tiny": run}, "machine": bench_cpu.machine(2), "matmul_peak": {"n": 2048, "gflops": peak},
-             "dtype": "float32", "max_rss_mib": 1.0, "device_peak_mib": None}
+  results = {
+      "configs": {"tiny": run},
+      "machine": bench_cpu.machine(2),
+      "matmul_peak": {"n": 2048, "gflops": peak},
+      "dtype": "float32",
+      "max_rss_mib": 1.0,
+      "device_peak_mib": None,
+  }
   lines = bench_cpu.table(results).splitlines()
   assert sum(line.startswith("tiny   encode  jax") for line in lines) == 1
   assert sum(line.startswith("tiny   decode  jax") for line in lines) == 1

@@ -1,4 +1,5 @@
 """Checkpoints: a damaged latest checkpoint is moved aside and the run resumes from the one before."""
+
 import gc
 import logging
 
@@ -32,8 +33,10 @@ def saved_run(directory, steps=(1, 2), keep=3):
 def restore(directory, shape=(64, 64), keep=3):
   """The restored state, the next element of the restored input iterator, and the checkpointer."""
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {"w": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),
-              "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding)}
+  abstract = {
+      "w": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding),
+      "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding),
+  }
   iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
   ckpt = checkpoint.Checkpointer(directory, every_steps=1, keep=keep)
   try:
@@ -47,15 +50,19 @@ def truncate(folder, name=None):
   """Cuts the file called `name` (default: the largest file) in `folder` to half its length."""
   files = [p for p in folder.rglob("*") if p.is_file() and name in (None, p.name)]
   damaged = max(files, key=lambda p: p.stat().st_size)
-  damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+  damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
 
 def listing(directory):
   return sorted(p.name for p in directory.iterdir())
 
 
-@pytest.mark.parametrize("damaged", [None, "_METADATA"])  # an array's data, the state's tree metadata
-def test_a_damaged_latest_checkpoint_is_kept_aside_and_the_one_before_restores(tmp_path, caplog, damaged):
+@pytest.mark.parametrize(
+    "damaged", [None, "_METADATA"]
+)  # an array's data, the state's tree metadata
+def test_a_damaged_latest_checkpoint_is_kept_aside_and_the_one_before_restores(
+    tmp_path, caplog, damaged
+):
   states = saved_run(tmp_path)
   truncate(tmp_path / "2", damaged)
   kept = sorted(p.relative_to(tmp_path / "2") for p in (tmp_path / "2").rglob("*"))
@@ -64,11 +71,18 @@ def test_a_damaged_latest_checkpoint_is_kept_aside_and_the_one_before_restores(t
   np.testing.assert_array_equal(state["w"], states[1]["w"])
   assert int(state["step"]) == 1
   assert next_element == 1  # the input iterator of step 1 too: one element consumed
-  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "restore" in r.getMessage()]
+  warnings = [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno == logging.WARNING and "restore" in r.getMessage()
+  ]
   assert len(warnings) == 1 and warnings[0].startswith("checkpoint 2 does not restore ("), warnings
   assert "resumed from step 1" in warnings[0] and "2.corrupt-1" in warnings[0]
   assert listing(tmp_path) == ["1", "2.corrupt-1"]
-  assert sorted(p.relative_to(tmp_path / "2.corrupt-1") for p in (tmp_path / "2.corrupt-1").rglob("*")) == kept
+  assert (
+      sorted(p.relative_to(tmp_path / "2.corrupt-1") for p in (tmp_path / "2.corrupt-1").rglob("*"))
+      == kept
+  )
   assert ckpt.latest_step() == 1
 
   # Later saves go on as usual, step 2 included; pruning (keep=2 here) never counts the kept one.
@@ -96,14 +110,19 @@ def test_when_no_checkpoint_restores_it_fails_naming_each_and_moves_none(tmp_pat
   saved_run(tmp_path)
   truncate(tmp_path / "1")
   truncate(tmp_path / "2", "_METADATA")
-  with pytest.raises(RuntimeError, match=r"no checkpoint in .* restores \(tried step 2: JSONDecodeError: .*; "
-                                         r"step 1: ValueError: .*\); none was moved aside"):
+  with pytest.raises(
+      RuntimeError,
+      match=r"no checkpoint in .* restores \(tried step 2: JSONDecodeError: .*; "
+      r"step 1: ValueError: .*\); none was moved aside",
+  ):
     restore(tmp_path)
   assert listing(tmp_path) == ["1", "2"]
 
 
 def test_a_checkpoint_of_another_config_fails_naming_the_parameter_and_both_shapes(tmp_path):
   saved_run(tmp_path)
-  with pytest.raises(ValueError, match=r"parameter w: checkpoint shape \(64, 64\) != model shape \(64, 32\)"):
+  with pytest.raises(
+      ValueError, match=r"parameter w: checkpoint shape \(64, 64\) != model shape \(64, 32\)"
+  ):
     restore(tmp_path, shape=(64, 32))
   assert listing(tmp_path) == ["1", "2"]

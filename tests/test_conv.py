@@ -1,4 +1,5 @@
 """Stride-1 convolutions with the strip-wise filter gradient (dove_jax.models.conv)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +8,15 @@ import pytest
 from dove_jax.models import conv
 
 
-@pytest.mark.parametrize("batch, height, width, kernel, padding", [
-    (1, 64, 24, 3, ((1, 1), (1, 1))),  # a VQ-GAN 3x3 conv: 8 strips of 8 rows
-    (2, 40, 16, 2, ((1, 0), (0, 1))),  # an upsampling phase: 4 strips of 10 rows
-    (1, 32, 8, 1, ((0, 0), (0, 0))),  # a 1x1 conv: no halo
-    (8, 16, 16, 3, ((1, 1), (1, 1))),  # batch 8: XLA's own gradient
-])
+@pytest.mark.parametrize(
+    "batch, height, width, kernel, padding",
+    [
+        (1, 64, 24, 3, ((1, 1), (1, 1))),  # a VQ-GAN 3x3 conv: 8 strips of 8 rows
+        (2, 40, 16, 2, ((1, 0), (0, 1))),  # an upsampling phase: 4 strips of 10 rows
+        (1, 32, 8, 1, ((0, 0), (0, 0))),  # a 1x1 conv: no halo
+        (8, 16, 16, 3, ((1, 1), (1, 1))),  # batch 8: XLA's own gradient
+    ],
+)
 def test_gradients_equal_xla_convolution(batch, height, width, kernel, padding):
   x = jax.random.normal(jax.random.key(0), (batch, height, width, 4))
   weights = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
@@ -32,6 +36,7 @@ def test_strips_deepen_small_batches_only():
 
 def test_conv_module_keeps_nnx_conv_parameters_and_values():
   from flax import nnx
+
   ours = conv.Conv(4, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
   theirs = nnx.Conv(4, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
   assert jax.tree.map(jnp.shape, nnx.state(ours)) == jax.tree.map(jnp.shape, nnx.state(theirs))

@@ -1,4 +1,5 @@
 """`python -m dove_jax.convert` end to end: PyTorch folders in, a DOVE weights file out, loaded and checked."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +30,33 @@ def test_convert_command_builds_a_loadable_dove(tmp_path):
   vq = diffusers_vqmodel(**config.model.vqgan)
   vq.save_pretrained(tmp_path / "vq")
   width = config.model.generator
-  lm = GPTNeoXForCausalLM(hf_config(hidden_size=width.d_model, num_hidden_layers=width.num_layers,
-                                    num_attention_heads=width.num_heads, intermediate_size=width.mlp_dim))
+  lm = GPTNeoXForCausalLM(
+      hf_config(
+          hidden_size=width.d_model,
+          num_hidden_layers=width.num_layers,
+          num_attention_heads=width.num_heads,
+          intermediate_size=width.mlp_dim,
+      )
+  )
   lm.save_pretrained(tmp_path / "pythia")
   out = tmp_path / "dove.safetensors"
 
   result = subprocess.run(
-      [sys.executable, "-m", "dove_jax.convert", "--config", "configs/dove.py:tiny",
-       f"--vqgan={tmp_path / 'vq'}", f"--pythia={tmp_path / 'pythia'}", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "dove_jax.convert",
+          "--config",
+          "configs/dove.py:tiny",
+          f"--vqgan={tmp_path / 'vq'}",
+          f"--pythia={tmp_path / 'pythia'}",
+          f"--out={out}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr
   assert "ignored embed_out.weight: language-model head" in result.stdout
   assert result.stdout.count("parameters converted") == 3  # VQGAN, generator blocks, decoder blocks
@@ -55,12 +74,24 @@ def test_convert_command_builds_a_loadable_dove(tmp_path):
 
 
 def test_convert_command_reports_a_mismatched_pythia(tmp_path):
-  GPTNeoXForCausalLM(hf_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=256)).save_pretrained(tmp_path / "pythia")
+  GPTNeoXForCausalLM(
+      hf_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+  ).save_pretrained(tmp_path / "pythia")
   result = subprocess.run(
-      [sys.executable, "-m", "dove_jax.convert", "--config", "configs/dove.py:tiny",
-       f"--pythia={tmp_path / 'pythia'}", f"--out={tmp_path / 'dove.safetensors'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "dove_jax.convert",
+          "--config",
+          "configs/dove.py:tiny",
+          f"--pythia={tmp_path / 'pythia'}",
+          f"--out={tmp_path / 'dove.safetensors'}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode != 0
   assert "hidden_size: config has 32, model has d_model=64" in result.stderr
   assert "Traceback" not in result.stderr

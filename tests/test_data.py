@@ -4,6 +4,7 @@ The builder is prepared with TFDS's own `max_examples_per_split` cap (a few hund
 the ~20 s of the full 64 px set); examples are drawn from per-index seeds, so the capped files hold
 exactly the first examples of the full ones.
 """
+
 import io
 import os
 import subprocess
@@ -28,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 def prepare_shapes(data_dir: Path) -> Path:
   builder = builtin.DoveShapes(config="64", data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(max_examples_per_split=CAP, try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(
+          max_examples_per_split=CAP, try_download_gcs=False
+      )
+  )
   return data_dir
 
 
@@ -65,7 +69,9 @@ def test_builder_writes_identical_files_every_time(shapes_dir, tmp_path):
   assert any("train.array_record" in name for name in names)
   assert names == sorted(os.listdir(again / version_dir))
   for name in names:
-    assert (shapes_dir / version_dir / name).read_bytes() == (again / version_dir / name).read_bytes(), name
+    assert (shapes_dir / version_dir / name).read_bytes() == (
+        again / version_dir / name
+    ).read_bytes(), name
 
 
 def test_same_seed_same_example():
@@ -79,7 +85,9 @@ def test_same_seed_same_example():
 def test_files_hold_the_first_examples_of_each_split(shapes):
   for split, source in zip(("train", "validation"), shapes):
     stored = sorted(source[i]["image"].tobytes() for i in range(len(source)))
-    generated = sorted(builtin.generate_example(64, split, i)["image"].tobytes() for i in range(CAP))
+    generated = sorted(
+        builtin.generate_example(64, split, i)["image"].tobytes() for i in range(CAP)
+    )
     assert stored == generated, split
 
 
@@ -136,7 +144,9 @@ def test_reading_needs_no_tensorflow(shapes_dir, tmp_path):
 
 
 def test_load_builtin_reuses_prepared_data(shapes_dir):
-  train, validation = builtin.load_builtin(64, str(shapes_dir))  # capped copy: regenerating would give 8192
+  train, validation = builtin.load_builtin(
+      64, str(shapes_dir)
+  )  # capped copy: regenerating would give 8192
   assert (len(train), len(validation)) == (CAP, CAP)
 
 
@@ -180,8 +190,15 @@ def image_folder(tmp_path) -> Path:
 def test_image_folder_source(image_folder):
   source = sources.ImageFolderSource(image_folder)
   paths = [Path(source[i]["path"]).relative_to(image_folder).as_posix() for i in range(len(source))]
-  assert paths == ["cats/a.png", "cats/c.JPG", "cats/nested/deeper/b.png",
-                   "dogs/d.png", "dogs/e.png", "dogs/f.webp", "dogs/g.png"]
+  assert paths == [
+      "cats/a.png",
+      "cats/c.JPG",
+      "cats/nested/deeper/b.png",
+      "dogs/d.png",
+      "dogs/e.png",
+      "dogs/f.webp",
+      "dogs/g.png",
+  ]
   assert source.classes == ["cats", "dogs"]
   assert [source[i]["label"] for i in range(len(source))] == [0, 0, 0, 1, 1, 1, 1]
   assert source[0]["image_bytes"] == (image_folder / "cats" / "a.png").read_bytes()
@@ -209,7 +226,9 @@ def png_folder(root: Path, classes: int = 3, per_class: int = 40) -> Path:
   for c in range(classes):
     (root / f"class{c}").mkdir(parents=True)
     for i in range(per_class):
-      (root / f"class{c}" / f"{i:03d}.png").write_bytes(encode(np.full((8, 8, 3), (c, i, 7), np.uint8)))
+      (root / f"class{c}" / f"{i:03d}.png").write_bytes(
+          encode(np.full((8, 8, 3), (c, i, 7), np.uint8))
+      )
   return root
 
 
@@ -243,14 +262,17 @@ def test_folder_split_refuses_a_bad_fraction_and_an_empty_held_out_part(tmp_path
 
 def test_record_labels_reads_every_label_without_decoding_images(shapes):
   _, validation = shapes
-  np.testing.assert_array_equal(sources.record_labels(validation),
-                                [validation[i]["label"] for i in range(len(validation))])
+  np.testing.assert_array_equal(
+      sources.record_labels(validation), [validation[i]["label"] for i in range(len(validation))]
+  )
 
 
 def test_class_subset_selects_exactly_the_listed_classes_relabelled_in_list_order(shapes, tmp_path):
   _, validation = shapes
   listed = tmp_path / "classes.txt"
-  listed.write_text("# three of dove_shapes' classes\ncircle\n\nsquare  # by name\n7\n")  # 7: hexagon, by id
+  listed.write_text(
+      "# three of dove_shapes' classes\ncircle\n\nsquare  # by name\n7\n"
+  )  # 7: hexagon, by id
   subset = sources.class_subset(validation, listed)
   assert subset.classes == ["circle", "square", "hexagon"]
   original = sources.record_labels(validation)  # [128]
@@ -258,15 +280,22 @@ def test_class_subset_selects_exactly_the_listed_classes_relabelled_in_list_orde
   np.testing.assert_array_equal(subset.indices, np.flatnonzero(np.isin(original, wanted)))
   assert 0 < len(subset) < len(validation)
   records = [subset[i] for i in range(len(subset))]
-  np.testing.assert_array_equal([r["label"] for r in records], [wanted.index(original[i]) for i in subset.indices])
+  np.testing.assert_array_equal(
+      [r["label"] for r in records], [wanted.index(original[i]) for i in subset.indices]
+  )
   np.testing.assert_array_equal(subset.labels(), [r["label"] for r in records])
   np.testing.assert_array_equal(records[0]["image"], validation[int(subset.indices[0])]["image"])
 
 
-@pytest.mark.parametrize("lines, message", [("circle\nhexagonal\n", "unknown class 'hexagonal'"),
-                                            ("10\n", "unknown class '10'"),
-                                            ("circle\n3\n", "class '3' is listed twice"),
-                                            ("# nothing\n", "lists no class")])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("circle\nhexagonal\n", "unknown class 'hexagonal'"),
+        ("10\n", "unknown class '10'"),
+        ("circle\n3\n", "class '3' is listed twice"),
+        ("# nothing\n", "lists no class"),
+    ],
+)
 def test_class_subset_names_the_file_and_the_bad_entry(shapes, tmp_path, lines, message):
   _, validation = shapes
   listed = tmp_path / "classes.txt"
@@ -278,18 +307,23 @@ def test_class_subset_names_the_file_and_the_bad_entry(shapes, tmp_path, lines, 
 
 def test_imagenet100_list_is_100_distinct_imagenet_classes():
   from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+
   imagenet = Path(imagenet_common.label_names_file()).read_text().split()
   listed = sources.read_class_list(REPO / "configs" / "imagenet100.txt")
   assert len(listed) == len(set(listed)) == 100 and set(listed) <= set(imagenet)
   assert listed[:3] == ["n02869837", "n01749939", "n02488291"]  # CMC's order
-  assert sources.class_ids(listed, imagenet, "imagenet100.txt") == [imagenet.index(c) for c in listed]
+  assert sources.class_ids(listed, imagenet, "imagenet100.txt") == [
+      imagenet.index(c) for c in listed
+  ]
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
 def test_decode_image_converts_and_never_raises(caplog):
-  gray = pipeline.decode_image({"image": np.full((5, 7, 1), 9, np.uint8), "label": 3, "complexity": 2.5})
+  gray = pipeline.decode_image(
+      {"image": np.full((5, 7, 1), 9, np.uint8), "label": 3, "complexity": 2.5}
+  )
   assert gray["image"].shape == (5, 7, 3) and gray["valid"] and gray["label"] == 3
   assert gray["complexity"] == np.float32(2.5)
   rgba_png = encode(np.zeros((4, 6, 3), np.uint8), mode="RGBA")
@@ -302,21 +336,34 @@ def test_decode_image_converts_and_never_raises(caplog):
 
 def test_folder_pipeline_marks_the_corrupt_file_and_counts_it_exactly(image_folder):
   source = sources.ImageFolderSource(image_folder)
-  batches = list(pipeline.make_dataset(source, image_size=32, global_batch_size=4, seed=0, train=False))
+  batches = list(
+      pipeline.make_dataset(source, image_size=32, global_batch_size=4, seed=0, train=False)
+  )
   valid = np.concatenate([b["valid"] for b in batches])  # 7 images, then one padding slot
   np.testing.assert_array_equal(valid, [True, True, True, True, False, True, True, False])
   assert all(b["image"].shape == (4, 32, 32, 3) for b in batches)
-  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), [0, 0, 0, 1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"] for b in batches]), [0, 0, 0, 1, 0, 1, 1, 0]
+  )
   for workers in (0, 2):
-    train = pipeline.make_dataset(source, image_size=32, global_batch_size=2, seed=0, train=True,
-                                  num_epochs=2, worker_count=workers)
+    train = pipeline.make_dataset(
+        source,
+        image_size=32,
+        global_batch_size=2,
+        seed=0,
+        train=True,
+        num_epochs=2,
+        worker_count=workers,
+    )
     invalid = sum(int(np.sum(~b["valid"])) for b in train)  # 14 examples -> 7 batches, none dropped
     assert invalid == 2, workers
 
 
 def test_batches_shapes_dtypes_and_range(shapes):
   train, _ = shapes
-  batch = next(iter(pipeline.make_dataset(train, image_size=48, global_batch_size=8, seed=0, train=True)))
+  batch = next(
+      iter(pipeline.make_dataset(train, image_size=48, global_batch_size=8, seed=0, train=True))
+  )
   assert batch["image"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.float32
   assert batch["label"].dtype == np.int32 and batch["label"].shape == (8,)
   assert batch["valid"].dtype == np.bool_ and batch["valid"].all()
@@ -326,20 +373,29 @@ def test_batches_shapes_dtypes_and_range(shapes):
 
 def test_training_order_is_set_by_the_seed(shapes):
   train, _ = shapes
-  make = lambda seed: iter(pipeline.make_dataset(train, image_size=64, global_batch_size=8, seed=seed,
-                                                 train=True))
+  make = lambda seed: iter(
+      pipeline.make_dataset(train, image_size=64, global_batch_size=8, seed=seed, train=True)
+  )
   first = take(make(0), 3)
   assert_same_batches(first, take(make(0), 3))
   assert not np.array_equal(first[0]["image"], next(make(1))["image"])
 
 
 def test_random_crop_and_flip_vary_per_example_and_epoch():
-  wide = [{"image": np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (32, 1, 3)), "label": 0}] * 4
-  images = [b["image"] for b in pipeline.make_dataset(wide, image_size=16, global_batch_size=4, seed=0,
-                                                      train=True, num_epochs=2)]
+  wide = [
+      {"image": np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (32, 1, 3)), "label": 0}
+  ] * 4
+  images = [
+      b["image"]
+      for b in pipeline.make_dataset(
+          wide, image_size=16, global_batch_size=4, seed=0, train=True, num_epochs=2
+      )
+  ]
   crops = np.concatenate(images)[:, 0, :, 0]  # [8, 16] first row of each crop
   assert len({row.tobytes() for row in crops}) > 2  # different offsets and flips for one image
-  centre = next(iter(pipeline.make_dataset(wide, image_size=16, global_batch_size=4, seed=0, train=False)))
+  centre = next(
+      iter(pipeline.make_dataset(wide, image_size=16, global_batch_size=4, seed=0, train=False))
+  )
   assert len({row.tobytes() for row in centre["image"][:, 0, :, 0]}) == 1
 
 
@@ -351,15 +407,23 @@ def test_flip_mirrors_the_boxes_and_swaps_left_and_right_in_the_texts():
   flipped = pipeline.flip(example)
   np.testing.assert_array_equal(flipped["image"], image[:, ::-1])
   np.testing.assert_allclose(flipped["boxes"], [[0.0, 0.75, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5]])
-  assert flipped["descriptions"] == ["the right dog", "Left of the leftover cake, RIGHT", "a red square"]
+  assert flipped["descriptions"] == [
+      "the right dog",
+      "Left of the leftover cake, RIGHT",
+      "a red square",
+  ]
   assert pipeline.flip(flipped)["descriptions"] == texts  # a second flip restores them
-  assert example["descriptions"] is texts and texts[0] == "the left dog"  # the input is left as it was
+  assert (
+      example["descriptions"] is texts and texts[0] == "the left dog"
+  )  # the input is left as it was
   assert pipeline.mirror_text(b"left-hand side, right?") == b"right-hand side, left?"
 
 
 def test_eval_covers_every_example_once_with_padding_marked(shapes):
   _, validation = shapes
-  batches = list(pipeline.make_dataset(validation, image_size=64, global_batch_size=48, seed=0, train=False))
+  batches = list(
+      pipeline.make_dataset(validation, image_size=64, global_batch_size=48, seed=0, train=False)
+  )
   assert len(batches) == 3  # 128 examples -> 144 slots
   valid = np.concatenate([b["valid"] for b in batches])
   np.testing.assert_array_equal(valid, np.arange(144) < CAP)
@@ -380,8 +444,9 @@ def test_processes_share_the_data_without_overlap(monkeypatch, train):
   per_process = []
   for index in range(2):
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    dataset = pipeline.make_dataset(numbered_source(100), image_size=8, global_batch_size=16, seed=0,
-                                    train=train, num_epochs=1)
+    dataset = pipeline.make_dataset(
+        numbered_source(100), image_size=8, global_batch_size=16, seed=0, train=train, num_epochs=1
+    )
     per_process.append([np.asarray(b["label"])[b["valid"]] for b in dataset])
   assert len(per_process[0]) == len(per_process[1])  # the same number of steps on every host
   assert all(len(labels) == 8 for labels in per_process[0][:-1])
@@ -406,8 +471,11 @@ def test_iterator_state_round_trip(shapes):
 
 def test_iterator_state_round_trip_through_orbax_with_workers(shapes, tmp_path):
   train, _ = shapes
-  make = lambda workers: iter(pipeline.make_dataset(train, image_size=32, global_batch_size=8, seed=0,
-                                                    train=True, worker_count=workers))
+  make = lambda workers: iter(
+      pipeline.make_dataset(
+          train, image_size=32, global_batch_size=8, seed=0, train=True, worker_count=workers
+      )
+  )
   iterator = make(2)
   assert_same_batches(take(iterator, 3), take(make(0), 3))  # the same batches for any worker count
   manager = ocp.CheckpointManager(tmp_path)

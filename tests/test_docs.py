@@ -1,4 +1,5 @@
 """The README and docs/*.md: every relative link and image resolves, and the README stays short."""
+
 import pathlib
 import re
 
@@ -23,7 +24,9 @@ def relative_targets(text):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
   missing = [
-      t for t in relative_targets(page.read_text(encoding="utf-8")) if not (page.parent / t).exists()
+      t
+      for t in relative_targets(page.read_text(encoding="utf-8"))
+      if not (page.parent / t).exists()
   ]
   assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
 
@@ -38,7 +41,11 @@ def test_readme_is_short_and_starts_with_the_two_commands():
   assert len(text.splitlines()) <= 210, "README.md is a summary: move detail to docs/"
   first_block = re.search(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)
   assert first_block, "README.md has no code block"
-  commands = [l for l in first_block.group(1).splitlines() if l.strip() and not l.lstrip().startswith("#")]
+  commands = [
+      l for l in first_block.group(1).splitlines() if l.strip() and not l.lstrip().startswith("#")
+  ]
   assert commands and commands[0].startswith("python3 -m venv .venv"), commands[:1]
   assert "pip install -r requirements-dev.txt" in commands[0]
-  assert "python -m pytest -q" in commands, "the test command belongs in the README's first code block"
+  assert (
+      "python -m pytest -q" in commands
+  ), "the test command belongs in the README's first code block"

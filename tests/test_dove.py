@@ -1,4 +1,5 @@
 """The DOVE top module: API shapes, budgets, causality, input checks, no recompiles, weights files."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,21 @@ from dove_jax.models.dove import DOVE, Tokens
 from dove_jax.tensor_io import ConversionError, param_dict
 from dove_jax.weights import load_weights, save_weights
 
-TINY = dict(image_size=32,
-            vqgan=dict(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=8,
-                       num_vq_embeddings=32, vq_embed_dim=8, norm_num_groups=8, mid_block_attention=False),
-            generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-            decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-            max_tokens=16)
+TINY = dict(
+    image_size=32,
+    vqgan=dict(
+        block_out_channels=(16, 16, 32),
+        layers_per_block=1,
+        latent_channels=8,
+        num_vq_embeddings=32,
+        vq_embed_dim=8,
+        norm_num_groups=8,
+        mid_block_attention=False,
+    ),
+    generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
+    decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
+    max_tokens=16,
+)
 
 
 def tiny_dove(seed=0, **overrides):
@@ -82,11 +92,15 @@ def test_generator_slot_i_ignores_later_slot_inputs(model):
   tokens, eos_prob = gen.outputs(x, positions, key_mask)
   i = 6  # slot index (0-based) inside the n slots; perturb every input after it
   start = x.shape[1] - gen.max_tokens
-  x2 = x.at[:, start + i + 1:].add(jax.random.normal(jax.random.key(2), x[:, start + i + 1:].shape))
+  x2 = x.at[:, start + i + 1 :].add(
+      jax.random.normal(jax.random.key(2), x[:, start + i + 1 :].shape)
+  )
   tokens2, eos2 = gen.outputs(x2, positions, key_mask)
-  np.testing.assert_allclose(tokens2[:, :i + 1], tokens[:, :i + 1], atol=1e-5)
-  np.testing.assert_allclose(eos2[:, :i + 1], eos_prob[:, :i + 1], atol=1e-6)
-  assert not np.allclose(tokens2[:, i + 1:], tokens[:, i + 1:], atol=1e-3)  # later slots did change
+  np.testing.assert_allclose(tokens2[:, : i + 1], tokens[:, : i + 1], atol=1e-5)
+  np.testing.assert_allclose(eos2[:, : i + 1], eos_prob[:, : i + 1], atol=1e-6)
+  assert not np.allclose(
+      tokens2[:, i + 1 :], tokens[:, i + 1 :], atol=1e-3
+  )  # later slots did change
 
 
 def test_decoder_ignores_what_lies_in_dropped_slots(model):
@@ -110,17 +124,21 @@ def test_jit_matches_eager(model, jitted):
   state, encode, decode = jitted
   x = images()
   budget = jnp.asarray([3, 0])
-  np.testing.assert_allclose(decode(state, encode(state, x, budget)),
-                             model.decode(model.encode(x, budget)), atol=1e-5)
+  np.testing.assert_allclose(
+      decode(state, encode(state, x, budget)), model.decode(model.encode(x, budget)), atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((32, 32, 3), np.float32), "NHWC"),
-    (np.zeros((2, 3, 32, 32), np.float32), "NHWC"),
-    (np.zeros((2, 64, 64, 3), np.float32), "32x32"),
-    (np.zeros((2, 32, 32, 3), np.uint8), "dtype uint8"),
-    (np.full((2, 32, 32, 3), 255.0, np.float32), r"\[-1, 1\]"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((32, 32, 3), np.float32), "NHWC"),
+        (np.zeros((2, 3, 32, 32), np.float32), "NHWC"),
+        (np.zeros((2, 64, 64, 3), np.float32), "32x32"),
+        (np.zeros((2, 32, 32, 3), np.uint8), "dtype uint8"),
+        (np.full((2, 32, 32, 3), 255.0, np.float32), r"\[-1, 1\]"),
+    ],
+)
 def test_bad_images_get_a_clear_error(model, bad, message):
   with pytest.raises(ValueError, match=message):
     model.encode(jnp.asarray(bad))
@@ -153,7 +171,10 @@ def test_weights_of_another_shape_name_the_parameter_and_both_shapes(tmp_path, m
   wider = tiny_dove(decoder=dict(num_layers=2, d_model=48, num_heads=2, mlp_dim=64))
   with pytest.raises(ConversionError) as err:
     load_weights(wider, path)
-  assert "parameter token_decoder/latent_queries: checkpoint shape (64, 32) != model shape (64, 48)" in str(err.value)
+  assert (
+      "parameter token_decoder/latent_queries: checkpoint shape (64, 32) != model shape (64, 48)"
+      in str(err.value)
+  )
   deeper = tiny_dove(generator=dict(num_layers=3, d_model=32, num_heads=2, mlp_dim=64))
   with pytest.raises(ConversionError, match="checkpoint lacks generator/transformer/layers/2/"):
     load_weights(deeper, path)
@@ -176,7 +197,9 @@ def test_paper_size_parameter_counts():
 
   counts = {name: count(getattr(paper, name)) for name in ("vqgan", "generator", "token_decoder")}
   print("paper-size DOVE parameters:", counts, "total", count(paper))
-  assert counts["vqgan"] == 146_244_675  # diffusers VQModel, aMUSEd config (tests/test_vqgan.py checks it)
+  assert (
+      counts["vqgan"] == 146_244_675
+  )  # diffusers VQModel, aMUSEd config (tests/test_vqgan.py checks it)
   # Pythia-70M without its token embedding: 70,426,624 - 2 x 50,304 x 512 (embed_in, embed_out).
   assert count(paper.generator.transformer) == count(paper.token_decoder.transformer) == 18_915_328
   # feature projection, feature positions (16 x 16 cells), EOS head
@@ -188,12 +211,16 @@ def remat_blocks(policy: str) -> dict:
   """A VQ-GAN stage and a transformer built with the remat `policy`, each with an input."""
   from dove_jax.models.neox import NeoXTransformer
   from dove_jax.models.vqgan import Stage
+
   rngs, key = nnx.Rngs(0), jax.random.key(1)
   stage = Stage(8, 16, num_layers=2, resample=None, norm_num_groups=8, remat=policy, rngs=rngs)
-  transformer = NeoXTransformer(num_layers=2, d_model=16, num_heads=2, mlp_dim=32, causal=True, remat=policy,
-                                rngs=rngs)
-  return {"vqgan stage": (stage, jax.random.normal(key, (2, 8, 8, 8))),  # [B, H, W, C]
-          "transformer": (transformer, jax.random.normal(key, (2, 8, 16)))}  # [B, L, D]
+  transformer = NeoXTransformer(
+      num_layers=2, d_model=16, num_heads=2, mlp_dim=32, causal=True, remat=policy, rngs=rngs
+  )
+  return {
+      "vqgan stage": (stage, jax.random.normal(key, (2, 8, 8, 8))),  # [B, H, W, C]
+      "transformer": (transformer, jax.random.normal(key, (2, 8, 16))),
+  }  # [B, L, D]
 
 
 def test_remat_policies_give_the_same_gradients_and_recompute_what_they_say():
@@ -218,8 +245,14 @@ def test_remat_policies_give_the_same_gradients_and_recompute_what_they_say():
 def test_dove_hands_its_remat_policy_to_every_block():
   model = nnx.eval_shape(lambda: tiny_dove(remat="blocks"))
   vqgan = model.vqgan
-  holders = [*vqgan.encoder.down_blocks, vqgan.encoder.mid_block, *vqgan.decoder.up_blocks,
-             vqgan.decoder.mid_block, model.generator.transformer, model.token_decoder.transformer]
+  holders = [
+      *vqgan.encoder.down_blocks,
+      vqgan.encoder.mid_block,
+      *vqgan.decoder.up_blocks,
+      vqgan.decoder.mid_block,
+      model.generator.transformer,
+      model.token_decoder.transformer,
+  ]
   assert [holder.remat for holder in holders] == ["blocks"] * len(holders)
 
 
@@ -230,13 +263,19 @@ def test_unknown_remat_policy_is_named():
 
 def test_grid_encoding_tells_every_cell_apart():
   from dove_jax.models.embeddings import grid_encoding, timestep_encoding
+
   enc = grid_encoding(16, 64)  # [256, 64]
   assert enc.shape == (256, 64)
   distances = np.linalg.norm(enc[:, None] - enc[None], axis=-1)
   assert np.min(distances + np.eye(256) * 1e9) > 0.1  # no two cells share an encoding
   np.testing.assert_allclose(enc[17, :32], enc[16, :32])  # cells 16 and 17 share row 1 ...
   assert not np.allclose(enc[17, 32:], enc[16, 32:])  # ... but not the column
-  np.testing.assert_allclose(timestep_encoding(3, 4), [[np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)],
-                                                      [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02)],
-                                                      [np.sin(3), np.sin(0.03), np.cos(3), np.cos(0.03)]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      timestep_encoding(3, 4),
+      [
+          [np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)],
+          [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02)],
+          [np.sin(3), np.sin(0.03), np.cos(3), np.cos(0.03)],
+      ],
+      rtol=1e-6,
+  )

@@ -1,4 +1,5 @@
 """EOS masking: the length is the first firing slot, the mask a prefix, budgets exact, shapes static."""
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,11 @@ from hypothesis import given, settings, strategies as st
 from dove_jax.models.eos import apply_mask, eos_mask
 
 THRESHOLD = 0.5
-probs = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),
-                   elements=st.floats(0.0, 1.0, width=32))
+probs = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),
+    elements=st.floats(0.0, 1.0, width=32),
+)
 
 
 def reference_length(p: np.ndarray) -> int:
@@ -50,7 +54,9 @@ def test_dropped_slots_are_exactly_zero_and_kept_ones_unchanged(p, data):
   b, n = p.shape
   tokens = data.draw(hnp.arrays(np.float32, (b, n, 3), elements=st.floats(-1e6, 1e6, width=32)))
   mask, _ = eos_mask(jnp.asarray(p), threshold=THRESHOLD)
-  tokens_nan = np.where(np.asarray(mask)[..., None], tokens, np.nan)  # dropped slots may hold anything
+  tokens_nan = np.where(
+      np.asarray(mask)[..., None], tokens, np.nan
+  )  # dropped slots may hold anything
   out = np.asarray(apply_mask(jnp.asarray(tokens_nan), mask))
   m = np.asarray(mask)
   np.testing.assert_array_equal(out[~m], 0.0)
@@ -87,9 +93,16 @@ def test_different_lengths_and_budgets_do_not_recompile(count_compiles):
   step = jax.jit(lambda p, k, t: apply_mask(t, eos_mask(p, k)[0]))
   rng = np.random.default_rng(0)
   tokens = jnp.ones((4, 16, 8))
-  step(jnp.asarray(rng.random((4, 16), np.float32)), jnp.zeros(4, jnp.int32), tokens)  # compile once
-  inputs = [(jnp.asarray(rng.random((4, 16), np.float32) ** (i + 1)),  # different lengths each call
-             jnp.asarray(rng.integers(-1, 17, 4), jnp.int32)) for i in range(5)]
+  step(
+      jnp.asarray(rng.random((4, 16), np.float32)), jnp.zeros(4, jnp.int32), tokens
+  )  # compile once
+  inputs = [
+      (
+          jnp.asarray(rng.random((4, 16), np.float32) ** (i + 1)),  # different lengths each call
+          jnp.asarray(rng.integers(-1, 17, 4), jnp.int32),
+      )
+      for i in range(5)
+  ]
   lengths = {tuple(np.asarray(jax.jit(eos_mask)(p, k)[1])) for p, k in inputs}
   assert len(lengths) > 1, "the inputs should give different lengths"
   with count_compiles() as c:

@@ -1,4 +1,5 @@
 """eval.py end to end: a 2-step tiny run, evaluated from the command line, and its clean error exits."""
+
 import json
 import os
 import re
@@ -14,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def python(args, timeout=600):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        env=os.environ)
+  return subprocess.run(
+      [sys.executable, *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=os.environ,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +34,19 @@ def data_dir(builtin_data_dir):
 def run_dir(tmp_path_factory, data_dir):
   """A tiny run trained for 2 steps by train.py: a checkpoint and the run's config.json."""
   workdir = tmp_path_factory.mktemp("run")
-  result = python(["train.py", "--config", "configs/dove.py:tiny", f"--workdir={workdir}",
-                   "--config.train.num_steps=2", f"--config.data.data_dir={data_dir}",
-                   "--config.data.global_batch_size=8", "--config.train.eval_batches=1",
-                   "--config.loss.lpips_weight=0"])
+  result = python(
+      [
+          "train.py",
+          "--config",
+          "configs/dove.py:tiny",
+          f"--workdir={workdir}",
+          "--config.train.num_steps=2",
+          f"--config.data.data_dir={data_dir}",
+          "--config.data.global_batch_size=8",
+          "--config.train.eval_batches=1",
+          "--config.loss.lpips_weight=0",
+      ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -38,13 +54,24 @@ def run_dir(tmp_path_factory, data_dir):
 def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
   from PIL import Image
   from dove_jax.evaluation import run
-  result = python(["eval.py", f"--workdir={run_dir}", "--max_batches=2", "--probe_per_class=2",
-                   "--probe_dataset=dove_shapes/64", f"--probe_data_dir={data_dir}",
-                   "--probe_eval_split=validation",
-                   f"--config.data.data_dir={data_dir}"])
+
+  result = python(
+      [
+          "eval.py",
+          f"--workdir={run_dir}",
+          "--max_batches=2",
+          "--probe_per_class=2",
+          "--probe_dataset=dove_shapes/64",
+          f"--probe_data_dir={data_dir}",
+          "--probe_eval_split=validation",
+          f"--config.data.data_dir={data_dir}",
+      ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert re.search(r"throughput: encode [\d.]+ images/s \(in chunks of 32: [\d.]+\), decode [\d.]+ images/s",
-                   result.stdout), result.stdout
+  assert re.search(
+      r"throughput: encode [\d.]+ images/s \(in chunks of 32: [\d.]+\), decode [\d.]+ images/s",
+      result.stdout,
+  ), result.stdout
 
   out = run_dir / "eval"
   results = json.loads((out / "metrics.json").read_text())
@@ -62,23 +89,42 @@ def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
 
   lengths = results["lengths"]
   assert sum(lengths["histogram"].values()) == 16 and len(lengths["histogram"]) == 64
-  assert set(lengths["spearman"]) == set(lengths["deciles"]) == {"laplacian_variance", "dataset_complexity"}
+  assert (
+      set(lengths["spearman"])
+      == set(lengths["deciles"])
+      == {"laplacian_variance", "dataset_complexity"}
+  )
   for rho in lengths["spearman"].values():  # undefined (None) where every length is the same
     assert rho is None or -1 <= rho <= 1
   deciles = lengths["deciles"]["laplacian_variance"]
   assert len(deciles) == 10 and sum(d["images"] for d in deciles) == 16
   assert [d["complexity_min"] for d in deciles] == sorted(d["complexity_min"] for d in deciles)
 
-  probe = results["linear_probe"]  # on dove_shapes/64 named as a separate data set: 2 images a class
+  probe = results[
+      "linear_probe"
+  ]  # on dove_shapes/64 named as a separate data set: 2 images a class
   assert probe["num_classes"] == 10 and probe["train_images"] == 20 and probe["eval_images"] == 16
   assert 0 <= probe["accuracy"] <= 1 and 0 <= probe["train_accuracy"] <= 1
   protocol = probe["protocol"]
-  assert protocol["data"] == {"source": "tfds", "name": "dove_shapes/64", "data_dir": str(data_dir),
-                              "split": "validation", "train_split": "train", "records": 512}
+  assert protocol["data"] == {
+      "source": "tfds",
+      "name": "dove_shapes/64",
+      "data_dir": str(data_dir),
+      "split": "validation",
+      "train_split": "train",
+      "records": 512,
+  }
   assert protocol["per_class"] == 2 and protocol["train_images_per_class"] == {"min": 2, "max": 2}
   assert protocol["seed"] == 0 and protocol["l2"] == 1e-4 and "mean" in protocol["features"]
   speed = results["throughput"]
-  assert min(speed["encode_images_per_s"], speed["encode_chunked_images_per_s"], speed["decode_images_per_s"]) > 0
+  assert (
+      min(
+          speed["encode_images_per_s"],
+          speed["encode_chunked_images_per_s"],
+          speed["decode_images_per_s"],
+      )
+      > 0
+  )
 
   for name in ("reconstructions", "length_histogram", "complexity_vs_length", "quality_vs_budget"):
     with Image.open(out / f"{name}.png") as image:
@@ -87,7 +133,9 @@ def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
 
 
 def test_missing_checkpoint_exits_naming_the_folder(run_dir, tmp_path):
-  shutil.copy(run_dir / "config.json", tmp_path / "config.json")  # a run that never saved a checkpoint
+  shutil.copy(
+      run_dir / "config.json", tmp_path / "config.json"
+  )  # a run that never saved a checkpoint
   result = python(["eval.py", f"--workdir={tmp_path}"])
   assert result.returncode != 0
   assert f"no checkpoint folder {tmp_path / 'checkpoints'}" in result.stderr, result.stderr[-3000:]
@@ -95,11 +143,20 @@ def test_missing_checkpoint_exits_naming_the_folder(run_dir, tmp_path):
 
 
 def test_config_that_does_not_match_the_checkpoint_names_parameter_and_shapes(run_dir):
-  result = python(["eval.py", f"--workdir={run_dir}", "--config", "configs/dove.py:tiny",
-                   "--config.model.generator.d_model=32"])
+  result = python(
+      [
+          "eval.py",
+          f"--workdir={run_dir}",
+          "--config",
+          "configs/dove.py:tiny",
+          "--config.model.generator.d_model=32",
+      ]
+  )
   assert result.returncode != 0
-  assert re.search(r"parameter generator/\S+: checkpoint shape \(\d+(, \d+)*\) != model shape \(\d+(, \d+)*\)",
-                   result.stderr), result.stderr[-3000:]
+  assert re.search(
+      r"parameter generator/\S+: checkpoint shape \(\d+(, \d+)*\) != model shape \(\d+(, \d+)*\)",
+      result.stderr,
+  ), result.stderr[-3000:]
   assert "Traceback" not in result.stderr
 
 
@@ -107,13 +164,21 @@ def test_shipped_weights_only_for_the_tiny_model_outside_a_run(run_dir, tmp_path
   sys.path.insert(0, str(ROOT))
   import eval as eval_script
   from configs import dove, qdove
+
   tiny = dove.get_config("tiny")
-  assert eval_script.shipped_weights(tiny, str(tmp_path)) == str(dove.SHIPPED / "tiny" / "dove.safetensors")
+  assert eval_script.shipped_weights(tiny, str(tmp_path)) == str(
+      dove.SHIPPED / "tiny" / "dove.safetensors"
+  )
   assert eval_script.shipped_weights(qdove.get_config("tiny"), str(tmp_path)) == str(
-      dove.SHIPPED / "tiny" / "qdove.safetensors")
-  assert eval_script.shipped_weights(tiny, str(run_dir)) is None  # a run's own checkpoint comes first
+      dove.SHIPPED / "tiny" / "qdove.safetensors"
+  )
+  assert (
+      eval_script.shipped_weights(tiny, str(run_dir)) is None
+  )  # a run's own checkpoint comes first
   (tmp_path / "config.json").write_text("{}")
-  assert eval_script.shipped_weights(tiny, str(tmp_path)) is None  # a run that never saved: an error, not these
+  assert (
+      eval_script.shipped_weights(tiny, str(tmp_path)) is None
+  )  # a run that never saved: an error, not these
   tiny.model.token_dim = 8
   assert eval_script.shipped_weights(tiny, str(tmp_path / "empty")) is None  # another model
 
@@ -124,13 +189,20 @@ def test_folder_eval_reads_only_held_out_images_and_says_so(tmp_path):
   from dove_jax.evaluation import run
   from dove_jax.training import loop
   from test_data import png_folder
+
   config = dove.get_config("tiny")
-  config.data.source, config.data.folder, config.data.eval_fraction = "folder", str(png_folder(tmp_path)), 0.25
+  config.data.source, config.data.folder, config.data.eval_fraction = (
+      "folder",
+      str(png_folder(tmp_path)),
+      0.25,
+  )
   train, held = run.data_sources(config)
   train_paths = {train[i]["path"] for i in range(len(train))}
   eval_paths = {held[i]["path"] for i in range(len(held))}
   assert not train_paths & eval_paths and len(train_paths | eval_paths) == 120
-  trained = builders.data_sources(config)[0]  # what train.py reads: the same part, never a held-out image
+  trained = builders.data_sources(config)[
+      0
+  ]  # what train.py reads: the same part, never a held-out image
   assert {trained[i]["path"] for i in range(len(trained))} == train_paths
   described = run.describe_data(config, held)
   assert described["source"] == "folder" and described["folder"] == str(tmp_path)
@@ -145,6 +217,7 @@ def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_p
   from configs import dove
   from dove_jax.data import sources
   from dove_jax.evaluation import run
+
   config = dove.get_config("tiny")
   config.data.data_dir = str(data_dir)
   listed = tmp_path / "shapes.txt"
@@ -152,34 +225,56 @@ def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_p
   train, held = run.data_sources(config, str(listed))
   for part in (train, held):
     assert part.classes == ["ring", "circle"] and set(part.labels()) == {0, 1}
-    assert set(sources.record_labels(part.source)[part.indices]) == {8, 3}  # dove_shapes' ids of the two
+    assert set(sources.record_labels(part.source)[part.indices]) == {
+        8,
+        3,
+    }  # dove_shapes' ids of the two
   described = run.describe_data(config, held, str(listed))
   assert described["class_subset"] == {"file": str(listed), "classes": ["ring", "circle"]}
   assert described["records"] == len(held) and described["split"] == "validation"
 
 
-def test_a_second_evaluation_reuses_the_real_images_inception_statistics(data_dir, tmp_path, monkeypatch,
-                                                                         counted_inception):
+def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
+    data_dir, tmp_path, monkeypatch, counted_inception
+):
   """Two evaluations of the shipped tiny DOVE with rFID (Inception replaced by cheap features, counted): the
   first runs Inception over the real batch and the 3 reconstructions (predicted, 64, VQ-GAN), the second over
   the reconstructions only, and both give the same rFID."""
   from configs import dove
   from dove_jax.evaluation import fid, run
+
   monkeypatch.setattr(fid, "load_inception", lambda path: "the Inception model")
   config = dove.get_config("tiny")
-  config.data.data_dir, config.data.global_batch_size, config.train.compilation_cache = str(data_dir), 8, False
+  config.data.data_dir, config.data.global_batch_size, config.train.compilation_cache = (
+      str(data_dir),
+      8,
+      False,
+  )
   weights = tmp_path / "inception.pth"
   weights.write_bytes(b"weights")
   results = []
   for name in ("first", "second"):
-    results.append(run.evaluate(config, tmp_path, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"),
-                                budgets=[64], inception=str(weights), max_batches=1, out=tmp_path / name,
-                                probe_settings=run.ProbeSettings(per_class=1)))
+    results.append(
+        run.evaluate(
+            config,
+            tmp_path,
+            weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"),
+            budgets=[64],
+            inception=str(weights),
+            max_batches=1,
+            out=tmp_path / name,
+            probe_settings=run.ProbeSettings(per_class=1),
+        )
+    )
   assert counted_inception == [8] * 4 + [8] * 3
   first, second = (r["settings"]["reference_statistics"] for r in results)
   assert not first["reused"] and second["reused"] and first["file"] == second["file"]
   assert Path(first["file"]).parent == tmp_path / "reference_statistics"
   for key in ("predicted", "64"):
-    assert results[0]["reconstruction"][key]["rfid"] == results[1]["reconstruction"][key]["rfid"] > 0
-  probe = results[0]["linear_probe"]  # by default on the evaluated data set: its train split, one a class
+    assert (
+        results[0]["reconstruction"][key]["rfid"] == results[1]["reconstruction"][key]["rfid"] > 0
+    )
+  probe = results[0][
+      "linear_probe"
+  ]  # by default on the evaluated data set: its train split, one a class
   assert probe["protocol"]["data"] == results[0]["settings"]["data"] and probe["train_images"] == 10

@@ -2,6 +2,7 @@
 handful of fixed images far above their mean colour, the shipped DOVE reconstructs better with more tokens,
 and the shipped Q-DOVE spends fewer with a query. These are the checks that failed while the model
 reconstructed only each image's mean colour, and while a query lengthened the sequences."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,13 @@ NUM_IMAGES = 8
 def fixed_images(builtin_data_dir):
   """The first validation images of the built-in set: a host batch with `image` and `valid`."""
   _, validation = builtin.load_builtin(64, str(builtin_data_dir))
-  return next(iter(pipeline.make_dataset(validation, image_size=64, global_batch_size=NUM_IMAGES, seed=0,
-                                         train=False)))
+  return next(
+      iter(
+          pipeline.make_dataset(
+              validation, image_size=64, global_batch_size=NUM_IMAGES, seed=0, train=False
+          )
+      )
+  )
 
 
 def mean_colour_psnr(images: np.ndarray) -> float:
@@ -35,12 +41,18 @@ def mean_colour_psnr(images: np.ndarray) -> float:
 def test_tiny_dove_overfits_a_handful_of_images_far_above_their_mean_colour(fixed_images):
   config = dove.get_config("tiny")
   config.data.global_batch_size = NUM_IMAGES
-  config.loss.random_length_fraction = 0.0  # every slot: the capacity check, not the length objective
+  config.loss.random_length_fraction = (
+      0.0  # every slot: the capacity check, not the length objective
+  )
   config.optim.learning_rate = 1e-3
-  config.optim.final_learning_rate = 1.0  # a constant rate after the warmup: memorising, not generalising
+  config.optim.final_learning_rate = (
+      1.0  # a constant rate after the warmup: memorising, not generalising
+  )
   mesh = meshlib.make_mesh(devices=jax.devices()[:1])
   setup = build_training(config, mesh, num_steps=OVERFIT_STEPS)
-  batch = meshlib.global_batch({"image": fixed_images["image"], "valid": fixed_images["valid"]}, mesh)
+  batch = meshlib.global_batch(
+      {"image": fixed_images["image"], "valid": fixed_images["valid"]}, mesh
+  )
   state = setup.state
   for _ in range(OVERFIT_STEPS):
     state, metrics = setup.train_step(state, batch, setup.lpips)
@@ -57,11 +69,21 @@ def test_shipped_dove_reconstructs_better_with_more_tokens(fixed_images, builtin
   """The shipped tiny DOVE (weights/tiny/dove.safetensors) loads into the tiny preset's model, and on the
   first 64 validation images its reconstructions improve from 8 to 64 tokens."""
   from dove_jax.evaluation.run import load_model
+
   config = dove.get_config("tiny")
-  model, _ = load_model(config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"))
+  model, _ = load_model(
+      config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors")
+  )
   _, validation = builtin.load_builtin(64, str(builtin_data_dir))
-  images = jnp.asarray(next(iter(pipeline.make_dataset(validation, image_size=64, global_batch_size=64, seed=0,
-                                                       train=False)))["image"])
+  images = jnp.asarray(
+      next(
+          iter(
+              pipeline.make_dataset(
+                  validation, image_size=64, global_batch_size=64, seed=0, train=False
+              )
+          )
+      )["image"]
+  )
   psnr = {}
   for budget in (8, 64):
     recon = jnp.clip(model.decode(model.encode(images, budget)), -1, 1)
@@ -79,17 +101,32 @@ def test_shipped_qdove_spends_fewer_tokens_with_a_query(builtin_data_dir):
   from dove_jax.builders import query_step
   from dove_jax.evaluation.functions import box_mse, query_inputs
   from dove_jax.evaluation.run import load_model
+
   config = qdove.get_config("tiny")
-  model, _ = load_model(config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "qdove.safetensors"))
+  model, _ = load_model(
+      config, workdir=None, weights=str(dove.SHIPPED / "tiny" / "qdove.safetensors")
+  )
   _, validation = builtin.load_builtin(64, str(builtin_data_dir))
-  batch = next(iter(pipeline.make_dataset(validation, image_size=64, global_batch_size=64, seed=0, train=False,
-                                          query=query_step(config))))
+  batch = next(
+      iter(
+          pipeline.make_dataset(
+              validation,
+              image_size=64,
+              global_batch_size=64,
+              seed=0,
+              train=False,
+              query=query_step(config),
+          )
+      )
+  )
   images = jnp.asarray(batch["image"])
   lengths, in_boxes = {}, {}
   for with_query in (True, False):
     tokens = model.encode(images, **query_inputs(batch, with_query))
     recon = jnp.clip(model.decode(tokens), -1, 1)
     lengths[with_query] = float(jnp.mean(tokens.lengths))
-    in_boxes[with_query] = float(psnr_from_mse(jnp.mean(box_mse(recon, images, batch)["mse_in_boxes"])))
+    in_boxes[with_query] = float(
+        psnr_from_mse(jnp.mean(box_mse(recon, images, batch)["mse_in_boxes"]))
+    )
   assert lengths[True] < 0.7 * lengths[False], lengths
   assert in_boxes[True] > in_boxes[False] - 0.5, in_boxes

@@ -1,6 +1,7 @@
 """Making short sequences cheap. Cached chunked generation (`TokenGenerator.generate`) against the one-pass
 generator: same tokens and EOS on every kept slot, same lengths, an early stop that really stops, and one
 compilation for every budget. Length-bucketed decoding against the full decoder."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +12,24 @@ from dove_jax.models import buckets, eos
 from dove_jax.models.dove import DOVE
 from dove_jax.models.generator import TokenGenerator
 
-N, WIDTH, THRESHOLD = 20, 32, 0.65  # this seed and threshold give the batch different predicted lengths
+N, WIDTH, THRESHOLD = (
+    20,
+    32,
+    0.65,
+)  # this seed and threshold give the batch different predicted lengths
 
 
 @pytest.fixture(scope="module")
 def generator():
   # EOS bias 0: probabilities near 0.5, so EOS fires within the sequence.
-  return TokenGenerator(feature_dim=8, grid_size=4, max_tokens=N, eos_bias_init=0.0,
-                        transformer=dict(num_layers=2, d_model=WIDTH, num_heads=2, mlp_dim=64),
-                        rngs=nnx.Rngs(0))
+  return TokenGenerator(
+      feature_dim=8,
+      grid_size=4,
+      max_tokens=N,
+      eos_bias_init=0.0,
+      transformer=dict(num_layers=2, d_model=WIDTH, num_heads=2, mlp_dim=64),
+      rngs=nnx.Rngs(0),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +57,27 @@ def assert_same_kept_slots(one_pass, chunked, budget):
   return np.asarray(lengths)
 
 
-@pytest.mark.parametrize("budget, chunk_size", [  # 7 and 32 do not divide n = 20
-    (None, 7), (None, 32), (5, 4), ([3, 0, 20], 5), ([3, 0, 20], 7)])
+@pytest.mark.parametrize(
+    "budget, chunk_size",
+    [  # 7 and 32 do not divide n = 20
+        (None, 7),
+        (None, 32),
+        (5, 4),
+        ([3, 0, 20], 5),
+        ([3, 0, 20], 7),
+    ],
+)
 def test_chunked_equals_one_pass(generator, features, chunk_size, budget):
   budget = None if budget is None else jnp.asarray(budget)
   with jax.default_matmul_precision("highest"):
-    chunked = generator.generate(features, token_budget=budget, threshold=THRESHOLD, chunk_size=chunk_size)
+    chunked = generator.generate(
+        features, token_budget=budget, threshold=THRESHOLD, chunk_size=chunk_size
+    )
     lengths = assert_same_kept_slots(generator(features), chunked, budget)
   if budget is None:
-    assert len(set(lengths)) > 1 and lengths.max() < N, lengths  # the test covers varied early stops
+    assert (
+        len(set(lengths)) > 1 and lengths.max() < N
+    ), lengths  # the test covers varied early stops
 
 
 @pytest.mark.parametrize("chunk_size", [3])  # does not divide n = 20
@@ -63,8 +85,9 @@ def test_chunked_equals_one_pass_with_a_padded_query(generator, features, chunk_
   query, query_mask = query_inputs()
   budget = jnp.asarray([0, 6, 0])
   with jax.default_matmul_precision("highest"):
-    chunked = generator.generate(features, query, query_mask, token_budget=budget, threshold=THRESHOLD,
-                                 chunk_size=chunk_size)
+    chunked = generator.generate(
+        features, query, query_mask, token_budget=budget, threshold=THRESHOLD, chunk_size=chunk_size
+    )
     assert_same_kept_slots(generator(features, query, query_mask), chunked, budget)
 
 
@@ -80,19 +103,28 @@ def test_full_length_chunks_match_every_slot(generator, features):
 @pytest.mark.parametrize("budget, computed", [(1, 4), ([2, 5, 1], 8)])
 def test_loop_stops_once_every_image_has_its_length(generator, features, budget, computed):
   """Never-computed slots hold tokens 0 and eos_prob 1: with chunks of 4, budget 1 runs one chunk only."""
-  tokens, eos_prob = generator.generate(features, token_budget=jnp.asarray(budget), threshold=THRESHOLD,
-                                        chunk_size=4)
-  assert np.all(np.asarray(eos_prob[:, computed:]) == 1.0) and np.all(np.asarray(tokens[:, computed:]) == 0)
-  assert np.all(np.asarray(eos_prob[:, :computed]) < 1.0) and np.all(np.any(tokens[:, :computed] != 0, -1))
+  tokens, eos_prob = generator.generate(
+      features, token_budget=jnp.asarray(budget), threshold=THRESHOLD, chunk_size=4
+  )
+  assert np.all(np.asarray(eos_prob[:, computed:]) == 1.0) and np.all(
+      np.asarray(tokens[:, computed:]) == 0
+  )
+  assert np.all(np.asarray(eos_prob[:, :computed]) < 1.0) and np.all(
+      np.any(tokens[:, :computed] != 0, -1)
+  )
 
 
 def test_predicted_lengths_stop_after_the_longest(generator, features):
   _, full_eos = generator(features)
   _, lengths = eos.eos_mask(full_eos, None, THRESHOLD)
   _, eos_prob = generator.generate(features, threshold=THRESHOLD, chunk_size=4)
-  computed = -(-int(lengths.max()) // 4) * 4  # the chunk holding the longest image's EOS is the last one
+  computed = (
+      -(-int(lengths.max()) // 4) * 4
+  )  # the chunk holding the longest image's EOS is the last one
   assert computed < N
-  assert np.all(np.asarray(eos_prob[:, computed:]) == 1.0) and np.all(np.asarray(eos_prob[:, :computed]) < 1.0)
+  assert np.all(np.asarray(eos_prob[:, computed:]) == 1.0) and np.all(
+      np.asarray(eos_prob[:, :computed]) < 1.0
+  )
 
 
 def test_no_recompile_for_new_budgets_or_lengths(generator, features, count_compiles):
@@ -100,8 +132,9 @@ def test_no_recompile_for_new_budgets_or_lengths(generator, features, count_comp
 
   @jax.jit
   def generate(state, features, budget):
-    return nnx.merge(graphdef, state).generate(features, token_budget=budget, threshold=THRESHOLD,
-                                               chunk_size=4)
+    return nnx.merge(graphdef, state).generate(
+        features, token_budget=budget, threshold=THRESHOLD, chunk_size=4
+    )
 
   generate(state, features, jnp.asarray([0, 0, 0]))
   with count_compiles() as c:
@@ -112,12 +145,24 @@ def test_no_recompile_for_new_budgets_or_lengths(generator, features, count_comp
 
 @pytest.fixture(scope="module")
 def dove():
-  return DOVE(image_size=32, vqgan=dict(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=8,
-                                        num_vq_embeddings=32, vq_embed_dim=8, norm_num_groups=8,
-                                        mid_block_attention=False),
-              generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-              decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64), max_tokens=16,
-              eos_bias_init=0.0, token_dim=8, rngs=nnx.Rngs(0))  # tokens narrower than the generator
+  return DOVE(
+      image_size=32,
+      vqgan=dict(
+          block_out_channels=(16, 16, 32),
+          layers_per_block=1,
+          latent_channels=8,
+          num_vq_embeddings=32,
+          vq_embed_dim=8,
+          norm_num_groups=8,
+          mid_block_attention=False,
+      ),
+      generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
+      decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
+      max_tokens=16,
+      eos_bias_init=0.0,
+      token_dim=8,
+      rngs=nnx.Rngs(0),
+  )  # tokens narrower than the generator
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +173,20 @@ def images():
 def test_dove_encode_chunked_equals_one_pass(dove, images):
   graphdef, state = nnx.split(dove)
   budget = jnp.asarray([5, 0])
-  encode = jax.jit(lambda state, chunk_size: nnx.merge(graphdef, state).encode(images, budget,
-                                                                             chunk_size=chunk_size),
-                   static_argnums=1)
+  encode = jax.jit(
+      lambda state, chunk_size: nnx.merge(graphdef, state).encode(
+          images, budget, chunk_size=chunk_size
+      ),
+      static_argnums=1,
+  )
   with jax.default_matmul_precision("highest"):
     full, chunked = encode(state, 0), encode(state, 4)
   assert full.tokens.shape == chunked.tokens.shape == (2, 16, 8)  # token_dim
   np.testing.assert_array_equal(chunked.lengths, full.lengths)
   np.testing.assert_array_equal(chunked.mask, full.mask)
-  np.testing.assert_allclose(chunked.tokens, full.tokens, atol=1e-5)  # zero after each length in both
+  np.testing.assert_allclose(
+      chunked.tokens, full.tokens, atol=1e-5
+  )  # zero after each length in both
 
 
 def test_bucket_sizes():
@@ -158,7 +208,13 @@ def test_bucketed_decode_equals_full_decode_in_one_compilation(dove, images, cou
   with jax.default_matmul_precision("highest"):
     encode_decode(state, jnp.asarray([1, 1]))
     with count_compiles() as c:
-      for budget in ([1, 2], [3, 1], [8, 5], [9, 16], [0, 0]):  # every bucket, and the predicted lengths
+      for budget in (
+          [1, 2],
+          [3, 1],
+          [8, 5],
+          [9, 16],
+          [0, 0],
+      ):  # every bucket, and the predicted lengths
         full, bucketed = encode_decode(state, jnp.asarray(budget))
         np.testing.assert_allclose(bucketed, full, atol=1e-5)
   assert c.count == 0, f"{c.count} recompilations for new lengths"
@@ -174,8 +230,11 @@ def test_decoder_on_a_cut_sequence_matches_the_whole(dove):
   @jax.jit
   def decode_three_ways(state):
     decoder = nnx.merge(graphdef, state)
-    return (decoder(tokens, mask), decoder(tokens[:, :6], mask[:, :6], num_slots=16),
-            decoder(tokens[:, :6], mask[:, :6]))  # the last with the latent queries at the wrong positions
+    return (
+        decoder(tokens, mask),
+        decoder(tokens[:, :6], mask[:, :6], num_slots=16),
+        decoder(tokens[:, :6], mask[:, :6]),
+    )  # the last with the latent queries at the wrong positions
 
   with jax.default_matmul_precision("highest"):
     full, cut, wrong = decode_three_ways(state)

@@ -2,6 +2,7 @@
 evaluation never imports training, only convert/ imports convert/ (one named exception), and the parts of
 dove_jax (its subpackages and top-level modules) import each other without a cycle. Imports inside functions
 count as much as those at the top."""
+
 import ast
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def imported_modules(source: str, module: str) -> set[str]:
       names.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
       base = absolute(node, module)
-      names.update(f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base for alias in node.names)
+      names.update(
+          f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base
+          for alias in node.names
+      )
   return {name for name in names if name == "dove_jax" or name.startswith("dove_jax.")}
 
 
@@ -41,7 +45,7 @@ def absolute(node: ast.ImportFrom, module: str) -> str:
   package = module.split(".")
   if not ROOT.joinpath(*package, "__init__.py").is_file():
     package = package[:-1]
-  return ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+  return ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
 
 
 def part(module: str) -> str:
@@ -49,10 +53,16 @@ def part(module: str) -> str:
   return ".".join(module.split(".")[:2])
 
 
-def imports_between(imports: dict[str, set[str]], importer_part: str, imported_part: str) -> set[tuple[str, str]]:
+def imports_between(
+    imports: dict[str, set[str]], importer_part: str, imported_part: str
+) -> set[tuple[str, str]]:
   """(importer, imported) module pairs of modules of one part importing modules of the other."""
-  return {(module, name) for module, names in imports.items() for name in names
-          if part(module) == importer_part and part(name) == imported_part}
+  return {
+      (module, name)
+      for module, names in imports.items()
+      for name in names
+      if part(module) == importer_part and part(name) == imported_part
+  }
 
 
 def import_cycle(imports: dict[str, set[str]]) -> list[str] | None:
@@ -60,12 +70,14 @@ def import_cycle(imports: dict[str, set[str]]) -> list[str] | None:
   parts, an edge for every import from one part into another."""
   edges = {}
   for module, names in imports.items():
-    edges.setdefault(part(module), set()).update(part(name) for name in names if part(name) != part(module))
+    edges.setdefault(part(module), set()).update(
+        part(name) for name in names if part(name) != part(module)
+    )
   done, path = set(), []
 
   def visit(node):
     if node in path:
-      return path[path.index(node):] + [node]
+      return path[path.index(node) :] + [node]
     if node in done:
       return None
     path.append(node)
@@ -77,8 +89,10 @@ def import_cycle(imports: dict[str, set[str]]) -> list[str] | None:
   return next(filter(None, (visit(node) for node in sorted(edges))), None)
 
 
-IMPORTS = {module_name(path): imported_modules(path.read_text(), module_name(path))
-           for path in sorted((ROOT / "dove_jax").rglob("*.py"))}
+IMPORTS = {
+    module_name(path): imported_modules(path.read_text(), module_name(path))
+    for path in sorted((ROOT / "dove_jax").rglob("*.py"))
+}
 
 
 def test_evaluation_never_imports_training():
@@ -86,8 +100,12 @@ def test_evaluation_never_imports_training():
 
 
 def test_only_convert_imports_convert_but_the_named_exception():
-  outside = {(module, name) for module, names in IMPORTS.items() for name in names
-             if part(name) == "dove_jax.convert" and part(module) != "dove_jax.convert"}
+  outside = {
+      (module, name)
+      for module, names in IMPORTS.items()
+      for name in names
+      if part(name) == "dove_jax.convert" and part(module) != "dove_jax.convert"
+  }
   assert outside == CONVERT_IMPORTERS
 
 
@@ -100,9 +118,14 @@ def test_the_rules_see_imports_inside_functions_and_cycles():
   source = "import numpy\nfrom dove_jax import xla\n\ndef f():\n  from dove_jax.training.loop import check_config\n"
   found = imported_modules(source, "dove_jax.evaluation.new")
   assert found == {"dove_jax.xla", "dove_jax.training.loop"}
-  assert imports_between({"dove_jax.evaluation.new": found}, "dove_jax.evaluation", "dove_jax.training") == {
-      ("dove_jax.evaluation.new", "dove_jax.training.loop")}
-  assert imported_modules("from . import metrics\nfrom ..models.dove import DOVE\n", "dove_jax.evaluation.new") == {
-      "dove_jax.evaluation.metrics", "dove_jax.models.dove"}
-  cyclic = {**IMPORTS, "dove_jax.weights": IMPORTS["dove_jax.weights"] | {"dove_jax.training.checkpoint"}}
+  assert imports_between(
+      {"dove_jax.evaluation.new": found}, "dove_jax.evaluation", "dove_jax.training"
+  ) == {("dove_jax.evaluation.new", "dove_jax.training.loop")}
+  assert imported_modules(
+      "from . import metrics\nfrom ..models.dove import DOVE\n", "dove_jax.evaluation.new"
+  ) == {"dove_jax.evaluation.metrics", "dove_jax.models.dove"}
+  cyclic = {
+      **IMPORTS,
+      "dove_jax.weights": IMPORTS["dove_jax.weights"] | {"dove_jax.training.checkpoint"},
+  }
   assert import_cycle(cyclic) is not None  # training.loop -> builders -> weights -> training

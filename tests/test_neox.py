@@ -1,4 +1,5 @@
 """NeoXTransformer against transformers' GPTNeoXModel, through a saved Hugging Face folder and load_pythia."""
+
 import functools
 import json
 import shutil
@@ -19,9 +20,19 @@ BATCH, LENGTH, VOCAB = 2, 40, 64
 
 
 def hf_config(**overrides) -> GPTNeoXConfig:
-  kwargs = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
-                rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-                hidden_act="gelu", max_position_embeddings=64, vocab_size=VOCAB)
+  kwargs = dict(
+      hidden_size=128,
+      num_hidden_layers=6,
+      num_attention_heads=4,
+      intermediate_size=512,
+      rotary_pct=0.25,
+      rotary_emb_base=10000,
+      layer_norm_eps=1e-5,
+      use_parallel_residual=True,
+      hidden_act="gelu",
+      max_position_embeddings=64,
+      vocab_size=VOCAB,
+  )
   return GPTNeoXConfig(**{**kwargs, **overrides})
 
 
@@ -37,7 +48,11 @@ def pythia(tmp_path_factory):
   with torch.no_grad():
     for name, p in lm.named_parameters():
       if "layernorm" in name or "layer_norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+        p.copy_(
+            1.0 + 0.2 * torch.randn_like(p)
+            if name.endswith("weight")
+            else 0.1 * torch.randn_like(p)
+        )
       else:
         p.normal_(0.0, 0.08)
   folder = tmp_path_factory.mktemp("pythia-14m")
@@ -75,7 +90,9 @@ def test_matches_transformers(pythia, causal):
   # everywhere (it only applies is_causal when no mask is given): GPT-NeoX with the causal mask removed.
   mask = None if causal else torch.zeros(BATCH, 1, LENGTH, LENGTH)
   with torch.no_grad():
-    expected = reference(inputs_embeds=torch.from_numpy(x), attention_mask=mask).last_hidden_state.numpy()
+    expected = reference(
+        inputs_embeds=torch.from_numpy(x), attention_mask=mask
+    ).last_hidden_state.numpy()
     causal_expected = reference(inputs_embeds=torch.from_numpy(x)).last_hidden_state.numpy()
   if not causal:  # the reference really is bidirectional: early positions see later inputs
     assert np.abs(expected[:, 0] - causal_expected[:, 0]).max() > 1e-2
@@ -122,11 +139,15 @@ def test_last_outputs_only_match_the_full_output(pythia, causal):
   _, folder = pythia
   model = converted(folder, causal=causal)
   x = random_embeds(6)
-  key_mask = jnp.asarray(np.arange(LENGTH)[None] >= np.array([[0], [5]]))  # [B, L], row 1 left-padded
+  key_mask = jnp.asarray(
+      np.arange(LENGTH)[None] >= np.array([[0], [5]])
+  )  # [B, L], row 1 left-padded
   graphdef, state = nnx.split(model)
   with jax.default_matmul_precision("highest"):
     full = nnx.merge(graphdef, state)(jnp.asarray(x), key_mask=key_mask)
-    last = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, key_mask=key_mask, num_outputs=15))(state, x)
+    last = jax.jit(
+        lambda state, x: nnx.merge(graphdef, state)(x, key_mask=key_mask, num_outputs=15)
+    )(state, x)
   assert last.shape == (BATCH, 15, 128)
   np.testing.assert_allclose(last, full[:, -15:], atol=1e-5)
 
@@ -135,8 +156,12 @@ def test_last_outputs_only_match_the_full_output(pythia, causal):
 @pytest.mark.parametrize("length,mask_rows", [(12, False), (130, False), (130, True)])
 def test_attention_matches_jax_nn(causal, length, mask_rows):
   """130 long and causal: in query blocks (33, 33, 33, 31), each against the keys it can see."""
-  q, k, v = (jax.random.normal(key, (2, length, 3, 8)) for key in jax.random.split(jax.random.key(0), 3))
-  mask = jnp.asarray(np.arange(length)[None] >= np.array([[0], [4]]))[:, None, None, :]  # [B, 1, 1, L]
+  q, k, v = (
+      jax.random.normal(key, (2, length, 3, 8)) for key in jax.random.split(jax.random.key(0), 3)
+  )
+  mask = jnp.asarray(np.arange(length)[None] >= np.array([[0], [4]]))[
+      :, None, None, :
+  ]  # [B, 1, 1, L]
   if mask_rows:  # a mask with a row per query: [B, 1, T, L]
     mask = mask & jax.random.bernoulli(jax.random.key(2), 0.8, (2, 1, length, length))
   seen = mask & (np.tril(np.ones((length, length), bool)) if causal else True)
@@ -144,15 +169,24 @@ def test_attention_matches_jax_nn(causal, length, mask_rows):
   sees_any = jnp.any(seen, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
   with jax.default_matmul_precision("highest"):
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-    np.testing.assert_allclose(jnp.where(sees_any, dot_product_attention(q, k, v, mask, is_causal=causal), 0),
-                               jnp.where(sees_any, expected, 0), atol=1e-6)
+    np.testing.assert_allclose(
+        jnp.where(sees_any, dot_product_attention(q, k, v, mask, is_causal=causal), 0),
+        jnp.where(sees_any, expected, 0),
+        atol=1e-6,
+    )
     # Same gradients too (the softmax's max shift carries none).
     probe = jnp.where(sees_any, jax.random.normal(jax.random.key(1), q.shape), 0)
-    grads = [jax.grad(lambda *qkv: jnp.sum(attend(*qkv, mask=mask, is_causal=causal) * probe), (0, 1, 2))(q, k, v)
-             for attend in (dot_product_attention, jax.nn.dot_product_attention)]
+    grads = [
+        jax.grad(
+            lambda *qkv: jnp.sum(attend(*qkv, mask=mask, is_causal=causal) * probe), (0, 1, 2)
+        )(q, k, v)
+        for attend in (dot_product_attention, jax.nn.dot_product_attention)
+    ]
     for ours, theirs in zip(*grads):
       np.testing.assert_allclose(ours, theirs, atol=1e-5)
-  assert np.isfinite(dot_product_attention(q, k, v, jnp.zeros((1, 1, 1, length), bool))).all()  # no key at all
+  assert np.isfinite(
+      dot_product_attention(q, k, v, jnp.zeros((1, 1, 1, length), bool))
+  ).all()  # no key at all
 
 
 def test_bfloat16_compute(pythia):
@@ -181,9 +215,18 @@ def test_config_mismatch_names_fields(pythia, tmp_path):
 
 def test_config_check_reads_pythia_style_fields():
   """Real Pythia config.json files keep rotary_pct/rotary_emb_base at the top level (transformers < 5)."""
-  pythia_70m = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
-                    rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-                    hidden_act="gelu", rope_scaling=None)
+  pythia_70m = dict(
+      hidden_size=512,
+      num_hidden_layers=6,
+      num_attention_heads=8,
+      intermediate_size=2048,
+      rotary_pct=0.25,
+      rotary_emb_base=10000,
+      layer_norm_eps=1e-5,
+      use_parallel_residual=True,
+      hidden_act="gelu",
+      rope_scaling=None,
+  )
   check_neox_config(pythia_70m, PYTHIA_70M)
   with pytest.raises(ConversionError) as error:
     check_neox_config({**pythia_70m, "rotary_pct": 0.5, "hidden_act": "gelu_new"}, PYTHIA_70M)
@@ -196,22 +239,29 @@ def test_wrong_shape_names_parameter_and_shapes(pythia):
   tensors = read_tensors(folder)
   tensors["gpt_neox.layers.2.mlp.dense_h_to_4h.weight"] = np.zeros((500, 128), np.float32)
   model = NeoXTransformer(**PYTHIA_14M, causal=True, rngs=nnx.Rngs(0))
-  with pytest.raises(ConversionError, match=r"layers/2/mlp_in/kernel: checkpoint shape \(128, 500\) "
-                                            r"!= model shape \(128, 512\)"):
+  with pytest.raises(
+      ConversionError,
+      match=r"layers/2/mlp_in/kernel: checkpoint shape \(128, 500\) "
+      r"!= model shape \(128, 512\)",
+  ):
     load_pythia(model, tensors)
 
 
 def test_report_lists_ignored_keys(pythia):
   _, folder = pythia
-  old_buffers = {"gpt_neox.layers.0.attention.bias": np.ones((1, 1, 64, 64), bool),
-                 "gpt_neox.layers.0.attention.masked_bias": np.array(-1e9, np.float32),
-                 "gpt_neox.layers.0.attention.rotary_emb.inv_freq": np.ones(4, np.float32)}
+  old_buffers = {
+      "gpt_neox.layers.0.attention.bias": np.ones((1, 1, 64, 64), bool),
+      "gpt_neox.layers.0.attention.masked_bias": np.array(-1e9, np.float32),
+      "gpt_neox.layers.0.attention.rotary_emb.inv_freq": np.ones(4, np.float32),
+  }
   model = NeoXTransformer(**PYTHIA_14M, causal=True, rngs=nnx.Rngs(0))
   report = load_pythia(model, {**read_tensors(folder), **old_buffers})
   print(report)
   assert set(report.ignored) == {"gpt_neox.embed_in.weight", "embed_out.weight", *old_buffers}
   assert report.converted == len(param_dict(model))
-  with pytest.raises(ConversionError, match=r"checkpoint tensor gpt_neox.layers.0.extra is not used"):
+  with pytest.raises(
+      ConversionError, match=r"checkpoint tensor gpt_neox.layers.0.extra is not used"
+  ):
     load_pythia(model, {**read_tensors(folder), "gpt_neox.layers.0.extra": np.zeros(3)})
 
 
@@ -223,8 +273,15 @@ def test_read_embed_in(pythia):
 def test_pythia_70m_parameter_count():
   ours = nnx.eval_shape(lambda: NeoXTransformer(**PYTHIA_70M, causal=True, rngs=nnx.Rngs(0)))
   count = sum(int(np.prod(v.shape)) for v in param_dict(ours).values())
-  reference = GPTNeoXModel(hf_config(hidden_size=512, num_attention_heads=8, intermediate_size=2048,
-                                     vocab_size=50304, max_position_embeddings=2048))
+  reference = GPTNeoXModel(
+      hf_config(
+          hidden_size=512,
+          num_attention_heads=8,
+          intermediate_size=2048,
+          vocab_size=50304,
+          max_position_embeddings=2048,
+      )
+  )
   expected = sum(p.numel() for p in reference.parameters()) - reference.embed_in.weight.numel()
   print(f"Pythia-70M transformer without embedding: {count:,} parameters")
   assert count == expected == 18_915_328

@@ -1,5 +1,6 @@
 """dove_jax.models.norms: the same values and gradients as Flax's GroupNorm / LayerNorm (two-pass variance)
 and torch's, and statistics that XLA fuses with what they sum."""
+
 import re
 
 import jax
@@ -27,14 +28,22 @@ def _randomize(norm, seed=1):
 
 def _assert_same_gradients(ours, flax, x):
   """Gradients of a loss through `ours` and through `flax` (two norms with the same parameters) agree."""
+
   def loss(model, x):
     return jnp.sum(jnp.sin(model(x)) * jnp.linspace(0, 1, x.shape[-1]))
 
-  (ours_grads, ours_dx), (flax_grads, flax_dx) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax))
+  (ours_grads, ours_dx), (flax_grads, flax_dx) = (
+      nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax)
+  )
   np.testing.assert_allclose(ours_dx, flax_dx, atol=1e-5)
-  for name in ("scale", "bias"):  # sums over the whole batch: float32 rounding of the order they add in
+  for name in (
+      "scale",
+      "bias",
+  ):  # sums over the whole batch: float32 rounding of the order they add in
     expected = flax_grads[name][...]
-    np.testing.assert_allclose(ours_grads[name][...], expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+    np.testing.assert_allclose(
+        ours_grads[name][...], expected, atol=1e-5 * float(jnp.max(jnp.abs(expected)))
+    )
 
 
 @pytest.mark.parametrize("size", [7, 32, 33, 64, 900, 4096, 4099])
@@ -44,17 +53,24 @@ def test_fused_sum_sums(size):
   np.testing.assert_allclose(fused_sum(x, -1), np.asarray(x, np.float64).sum(-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 64, 64, 16), 8), ((2, 7, 7, 64), 32), ((3, 30, 30, 12), 3),
-                                          ((2, 10, 6), 2)])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((2, 64, 64, 16), 8), ((2, 7, 7, 64), 32), ((3, 30, 30, 12), 3), ((2, 10, 6), 2)],
+)
 def test_group_norm_matches_flax_and_torch(shape, groups):
   channels = shape[-1]
   ours = _randomize(GroupNorm(channels, num_groups=groups, epsilon=1e-6, rngs=nnx.Rngs(0)))
-  flax = _randomize(nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False,
-                                  rngs=nnx.Rngs(0)))
+  flax = _randomize(
+      nnx.GroupNorm(
+          channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0)
+      )
+  )
   x = _inputs(shape)
   np.testing.assert_allclose(ours(x), flax(x), atol=2e-5)
   theirs = torch.nn.GroupNorm(groups, channels, eps=1e-6)
-  theirs.weight.data, theirs.bias.data = (torch.from_numpy(np.array(v)) for v in (ours.scale[...], ours.bias[...]))
+  theirs.weight.data, theirs.bias.data = (
+      torch.from_numpy(np.array(v)) for v in (ours.scale[...], ours.bias[...])
+  )
   channels_first = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
   expected = np.moveaxis(theirs(channels_first).detach().numpy(), 1, -1)
   np.testing.assert_allclose(ours(x), expected, atol=2e-5)
@@ -65,8 +81,11 @@ def test_group_norm_matches_flax_and_torch(shape, groups):
 def test_layer_norm_matches_flax(shape):
   width = shape[-1]
   ours = _randomize(LayerNorm(width, epsilon=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-  flax = _randomize(nnx.LayerNorm(width, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False,
-                                  rngs=nnx.Rngs(0)))
+  flax = _randomize(
+      nnx.LayerNorm(
+          width, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, rngs=nnx.Rngs(0)
+      )
+  )
   x = _inputs(shape)
   np.testing.assert_allclose(ours(x), flax(x), atol=2e-5)
   assert ours(x.astype(jnp.bfloat16)).dtype == jnp.float32  # float32 whatever the input
@@ -77,7 +96,9 @@ def _full_size_buffers(norm, x) -> int:
   """How many arrays of x's size the forward pass compiled as the library compiles writes (the output is one)."""
   graphdef, state = nnx.split(norm)
   hlo = xla.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().as_text()
-  outputs = re.findall(r"= f32\[([\d,]+)\]\S* fusion\(", hlo[hlo.index("ENTRY"):])  # each fusion's shape
+  outputs = re.findall(
+      r"= f32\[([\d,]+)\]\S* fusion\(", hlo[hlo.index("ENTRY") :]
+  )  # each fusion's shape
   return sum(np.prod([int(d) for d in dims.split(",")]) == x.size for dims in outputs)
 
 

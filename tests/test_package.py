@@ -1,4 +1,5 @@
 """The package as a user meets it: light import, configs, the quickstart."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_import_loads_neither_tensorflow_nor_torch():
-  result = run("-c", "import sys, dove_jax; print(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules))")
+  result = run(
+      "-c",
+      "import sys, dove_jax; print(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules))",
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "[]"
 
@@ -41,5 +47,10 @@ def test_quickstart_runs_every_budget_through_one_compiled_function():
   assert result.returncode == 0, result.stderr
   report, *lines = result.stdout.strip().splitlines()
   assert "weights/tiny/dove.safetensors" in report  # the shipped tiny DOVE, by default
-  assert [line.split(":")[0].strip() for line in lines] == ["predicted", "budget 8", "budget 32", "budget 64"]
+  assert [line.split(":")[0].strip() for line in lines] == [
+      "predicted",
+      "budget 8",
+      "budget 32",
+      "budget 64",
+  ]
   assert "lengths [8, 8, 8, 8]" in lines[1]

@@ -1,4 +1,5 @@
 """The device prefetcher: same batches in the same order, on the mesh, and checkpoints at the consumer's position."""
+
 import functools
 import itertools
 import json
@@ -44,7 +45,9 @@ class CountingPut:
 
 
 def prefetcher(mesh, size: int, iterator=None) -> DevicePrefetcher:
-  return DevicePrefetcher(iter(numbered_dataset()) if iterator is None else iterator, CountingPut(mesh), size)
+  return DevicePrefetcher(
+      iter(numbered_dataset()) if iterator is None else iterator, CountingPut(mesh), size
+  )
 
 
 def assert_same(batch: dict, reference: dict):
@@ -69,7 +72,10 @@ def test_same_batches_in_order_on_the_mesh_and_size_ahead(mesh, expected, size):
     host, device = next(batches)
     assert_same(host, reference)
     assert_same(device, reference)
-    assert all(isinstance(x, jax.Array) and x.sharding == meshlib.batch_sharding(mesh) for x in device.values())
+    assert all(
+        isinstance(x, jax.Array) and x.sharding == meshlib.batch_sharding(mesh)
+        for x in device.values()
+    )
     assert batches._put.count == k + size
 
 
@@ -108,7 +114,9 @@ def train_state(mesh):
   return state, checkpoint.abstract_like(state, {"step": meshlib.replicated(mesh)})
 
 
-@pytest.mark.parametrize("saved_from", ["prefetcher", "plain iterator"])  # the latter: checkpoints of old runs
+@pytest.mark.parametrize(
+    "saved_from", ["prefetcher", "plain iterator"]
+)  # the latter: checkpoints of old runs
 def test_checkpoint_restores_the_consumers_position(mesh, expected, tmp_path, saved_from):
   k = 4
   batches = prefetcher(mesh, 3) if saved_from == "prefetcher" else iter(numbered_dataset())

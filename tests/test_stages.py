@@ -1,5 +1,6 @@
 """The staged recipe: a VQ-GAN trained alone (stage 1) loaded into DOVE (stage 2), frozen parameters as
 constants of the loss, and the stage-1 objective's train step."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +15,19 @@ from test_dove import tiny_dove
 
 
 def values(model, prefix):
-  return {name: np.asarray(var[...]) for name, var in param_dict(model).items() if name.startswith(prefix)}
+  return {
+      name: np.asarray(var[...])
+      for name, var in param_dict(model).items()
+      if name.startswith(prefix)
+  }
 
 
 @pytest.mark.parametrize("part", ["vqgan", ""])
 def test_our_vqgan_weights_fill_the_vqgan_and_nothing_else(tmp_path, part):
   trained, path = tiny_dove(seed=1), tmp_path / "weights.safetensors"
-  save_weights(trained, path, part=part)  # a stage-1 export, or a whole DOVE whose transformers stay aside
+  save_weights(
+      trained, path, part=part
+  )  # a stage-1 export, or a whole DOVE whose transformers stay aside
   assert is_own_weights(path)
   model = tiny_dove(seed=2)
   before = values(model, "generator/")
@@ -33,11 +40,27 @@ def test_our_vqgan_weights_fill_the_vqgan_and_nothing_else(tmp_path, part):
 
 def test_a_vqgan_file_of_another_config_names_the_parameter(tmp_path):
   path = tmp_path / "vqgan.safetensors"
-  save_weights(tiny_dove(seed=1, vqgan=dict(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=8,
-                                            num_vq_embeddings=64, vq_embed_dim=8, norm_num_groups=8,
-                                            mid_block_attention=False)), path, part="vqgan")
-  with pytest.raises(ConversionError, match=r"parameter quantizer/embedding: checkpoint shape \(64, 8\) != model "
-                                            r"shape \(32, 8\)"):
+  save_weights(
+      tiny_dove(
+          seed=1,
+          vqgan=dict(
+              block_out_channels=(16, 16, 32),
+              layers_per_block=1,
+              latent_channels=8,
+              num_vq_embeddings=64,
+              vq_embed_dim=8,
+              norm_num_groups=8,
+              mid_block_attention=False,
+          ),
+      ),
+      path,
+      part="vqgan",
+  )
+  with pytest.raises(
+      ConversionError,
+      match=r"parameter quantizer/embedding: checkpoint shape \(64, 8\) != model "
+      r"shape \(32, 8\)",
+  ):
     load_pretrained(tiny_dove(seed=2), vqgan=path)
 
 
@@ -62,6 +85,10 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_do():
     if name.startswith("vqgan/") and not name.startswith("vqgan/quantizer"):
       assert not np.any(np.asarray(grad)), name
   # What is not frozen gets the gradient it would get with nothing frozen.
-  np.testing.assert_allclose(frozen_grads["generator"]["feature_proj"]["kernel"][...],
-                             free_grads["generator"]["feature_proj"]["kernel"][...], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      frozen_grads["generator"]["feature_proj"]["kernel"][...],
+      free_grads["generator"]["feature_proj"]["kernel"][...],
+      rtol=1e-5,
+      atol=1e-7,
+  )
   assert np.any(np.asarray(frozen_grads["token_decoder"]["latent_out"]["kernel"][...]))

@@ -3,6 +3,7 @@
 The BPE tokenizer is a tiny one trained here on a few sentences (GPT-NeoX-like: byte-level, with a
 "<|padding|>" special token), so nothing is downloaded.
 """
+
 import pickle
 import subprocess
 import sys
@@ -15,8 +16,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from dove_jax.text import ByteTokenizer, HFTokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SENTENCES = ["the red striped square", "a blue circle on the left", "two green triangles",
-             "the man riding a horse", "white clouds in the blue sky"]
+SENTENCES = [
+    "the red striped square",
+    "a blue circle on the left",
+    "two green triangles",
+    "the man riding a horse",
+    "white clouds in the blue sky",
+]
 
 
 def save_bpe(folder: Path, special_tokens: list[str]) -> Tokenizer:
@@ -24,8 +30,12 @@ def save_bpe(folder: Path, special_tokens: list[str]) -> Tokenizer:
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=special_tokens,
+      show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tokenizer.train_from_iterator(SENTENCES, trainer)
   folder.mkdir(parents=True, exist_ok=True)
   tokenizer.save(str(folder / "tokenizer.json"))
@@ -46,14 +56,18 @@ def test_byte_encode_batch_pads_truncates_and_masks():
   ids, mask = ByteTokenizer().encode_batch(["ab", "", "abcdef", "é"], max_length=4)
   assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape == (4, 4)
   a, b = ord("a") + 1, ord("b") + 1
-  np.testing.assert_array_equal(ids, [[a, b, 0, 0],
-                                      [0, 0, 0, 0],
-                                      [a, b, b + 1, b + 2],
-                                      [0xC3 + 1, 0xA9 + 1, 0, 0]])
-  np.testing.assert_array_equal(mask, [[True, True, False, False],
-                                       [False, False, False, False],  # the empty query
-                                       [True, True, True, True],
-                                       [True, True, False, False]])
+  np.testing.assert_array_equal(
+      ids, [[a, b, 0, 0], [0, 0, 0, 0], [a, b, b + 1, b + 2], [0xC3 + 1, 0xA9 + 1, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+      mask,
+      [
+          [True, True, False, False],
+          [False, False, False, False],  # the empty query
+          [True, True, True, True],
+          [True, True, False, False],
+      ],
+  )
 
 
 def test_byte_decode_of_a_truncated_character_replaces_it():
@@ -87,13 +101,18 @@ def test_hf_tokenizer_round_trip(tmp_path):
   assert ids.shape == mask.shape == (2, 32)
   assert tokenizer.decode(ids[0]) == "the red striped square"  # "<|padding|>" is skipped
   assert not mask[1].any() and (ids[1] == 1).all()
-  assert mask[0].sum() == len(tokenizer.encode("the red striped square")) < len("the red striped square")
+  assert (
+      mask[0].sum()
+      == len(tokenizer.encode("the red striped square"))
+      < len("the red striped square")
+  )
 
 
 def test_hf_tokenizer_adds_no_special_tokens(tmp_path):
   trained = save_bpe(tmp_path, ["<|endoftext|>", "<|padding|>"])
-  trained.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
-                                                         special_tokens=[("<|endoftext|>", 0)])
+  trained.post_processor = processors.TemplateProcessing(
+      single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+  )
   trained.save(str(tmp_path / "tokenizer.json"))
   tokenizer = HFTokenizer.from_path(tmp_path / "tokenizer.json")  # the file itself works too
   assert trained.encode("the sky").ids[0] == 0
@@ -114,23 +133,35 @@ def test_load_tokenizer_errors(tmp_path):
     load_tokenizer("gpt-neox", str(tmp_path / "pythia-70m"))
   assert str(tmp_path / "pythia-70m") in str(missing.value)
   assert "nothing is downloaded" in str(missing.value)
-  with pytest.raises(ValueError, match="query.tokenizer='gpt-neox' .* query.tokenizer_path is empty"):
+  with pytest.raises(
+      ValueError, match="query.tokenizer='gpt-neox' .* query.tokenizer_path is empty"
+  ):
     load_tokenizer("gpt-neox")
-  with pytest.raises(ValueError, match="unknown query.tokenizer 'gpt2'; choose one of bytes, gpt-neox, "
-                                       "huggingface"):
+  with pytest.raises(
+      ValueError,
+      match="unknown query.tokenizer 'gpt2'; choose one of bytes, gpt-neox, " "huggingface",
+  ):
     load_tokenizer("gpt2")
   (tmp_path / "tokenizer.json").write_text("not json")
-  with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer.json that the `tokenizers`"):
+  with pytest.raises(
+      ValueError, match="tokenizer.json is not a tokenizer.json that the `tokenizers`"
+  ):
     load_tokenizer("gpt-neox", str(tmp_path))
 
 
 def test_text_module_does_not_import_tokenizers_until_used():
   # Loads the file alone: importing the dove_jax package would cost seconds of JAX start-up.
-  code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('text', sys.argv[1]); "
-          "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
-          "print(sorted(m for m in ('tokenizers', 'tensorflow', 'torch') if m in sys.modules))")
-  result = subprocess.run([sys.executable, "-c", code, str(REPO / "dove_jax" / "text.py")],
-                          capture_output=True, text=True, timeout=60)
+  code = (
+      "import importlib.util, sys; spec = importlib.util.spec_from_file_location('text', sys.argv[1]); "
+      "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+      "print(sorted(m for m in ('tokenizers', 'tensorflow', 'torch') if m in sys.modules))"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code, str(REPO / "dove_jax" / "text.py")],
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "[]"
 

@@ -1,4 +1,5 @@
 """VQGAN and quantizer: parity with diffusers' VQModel through our converter, conversion errors, VQ maths."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ from dove_jax.models.quantizer import VectorQuantizer
 from dove_jax.models.vqgan import AMUSED_VQGAN, VQGAN
 from dove_jax.tensor_io import ConversionError, param_dict
 
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=8, num_vq_embeddings=64,
-            vq_embed_dim=8, norm_num_groups=8)
+TINY = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=8,
+    num_vq_embeddings=64,
+    vq_embed_dim=8,
+    norm_num_groups=8,
+)
 ATOL = 1e-4
 
 
@@ -30,17 +37,35 @@ def full_precision():
     yield
 
 
-def diffusers_vqmodel(*, block_out_channels, layers_per_block, latent_channels, num_vq_embeddings,
-                      vq_embed_dim, norm_num_groups, mid_block_attention) -> VQModel:
+def diffusers_vqmodel(
+    *,
+    block_out_channels,
+    layers_per_block,
+    latent_channels,
+    num_vq_embeddings,
+    vq_embed_dim,
+    norm_num_groups,
+    mid_block_attention,
+) -> VQModel:
   """The diffusers VQModel of one of our configs, with random 1-D parameters (norms start at 1/0, which
-  would hide a swapped scale and bias) and a codebook drawn near actual latents, so many codes get used."""
+  would hide a swapped scale and bias) and a codebook drawn near actual latents, so many codes get used.
+  """
   torch.manual_seed(0)
   model = VQModel(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-      up_block_types=("UpDecoderBlock2D",) * len(block_out_channels), block_out_channels=block_out_channels,
-      layers_per_block=layers_per_block, act_fn="silu", latent_channels=latent_channels,
-      num_vq_embeddings=num_vq_embeddings, norm_num_groups=norm_num_groups, vq_embed_dim=vq_embed_dim,
-      norm_type="group", mid_block_add_attention=mid_block_attention).eval()
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+      up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+      block_out_channels=block_out_channels,
+      layers_per_block=layers_per_block,
+      act_fn="silu",
+      latent_channels=latent_channels,
+      num_vq_embeddings=num_vq_embeddings,
+      norm_num_groups=norm_num_groups,
+      vq_embed_dim=vq_embed_dim,
+      norm_type="group",
+      mid_block_add_attention=mid_block_attention,
+  ).eval()
   with torch.no_grad():
     for p in model.parameters():
       if p.ndim == 1:
@@ -81,12 +106,19 @@ def check_parity(model: VQGAN, reference: VQModel, images: torch.Tensor) -> int:
   diffs = dict(
       encode=max_diff(jitted(model, "encode")(nhwc(images)), latents),
       decode=max_diff(jitted(model, "decode")(nhwc(latents)), decoded),
-      decode_unquantized=max_diff(jitted(model, "decode", quantize=False)(nhwc(latents)), decoded_raw),
-      forward=max_diff(recon, reconstruction))
+      decode_unquantized=max_diff(
+          jitted(model, "decode", quantize=False)(nhwc(latents)), decoded_raw
+      ),
+      forward=max_diff(recon, reconstruction),
+  )
   print(f"max abs diffs: {diffs}")
   assert all(d <= ATOL for d in diffs.values()), diffs
-  np.testing.assert_array_equal(np.asarray(quantized.indices).reshape(-1), indices.numpy().reshape(-1))
-  np.testing.assert_array_equal(np.asarray(forward_quantized.indices), np.asarray(quantized.indices))
+  np.testing.assert_array_equal(
+      np.asarray(quantized.indices).reshape(-1), indices.numpy().reshape(-1)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(forward_quantized.indices), np.asarray(quantized.indices)
+  )
   np.testing.assert_allclose(float(quantized.loss), float(loss), rtol=1e-5)
   return len(np.unique(indices.numpy()))
 
@@ -122,7 +154,9 @@ def test_legacy_attention_names_from_bin(tmp_path):
   load_diffusers_vqgan(model, tmp_path / "vq.bin")
   with torch.no_grad():
     expected = reference.encoder.mid_block.attentions[0].to_q.weight.numpy()
-  np.testing.assert_array_equal(np.asarray(model.encoder.mid_block.attention.to_q.kernel[...]), expected.T)
+  np.testing.assert_array_equal(
+      np.asarray(model.encoder.mid_block.attention.to_q.kernel[...]), expected.T
+  )
 
 
 def test_amused_parity_and_size():
@@ -139,7 +173,10 @@ def test_amused_parity_and_size():
 
 
 def test_conversion_errors_name_every_problem():
-  state = {k: v.numpy() for k, v in diffusers_vqmodel(**TINY, mid_block_attention=False).state_dict().items()}
+  state = {
+      k: v.numpy()
+      for k, v in diffusers_vqmodel(**TINY, mid_block_attention=False).state_dict().items()
+  }
   state["encoder.conv_in.weight"] = np.zeros((32, 3, 5, 5), np.float32)
   state["encoder.extra.weight"] = np.zeros((3,), np.float32)
   del state["decoder.conv_out.bias"]
@@ -148,7 +185,11 @@ def test_conversion_errors_name_every_problem():
   with pytest.raises(ConversionError) as error:
     load_diffusers_vqgan(model, state)
   message = str(error.value)
-  assert "encoder/conv_in/kernel" in message and "(5, 5, 3, 32)" in message and "(3, 3, 3, 32)" in message
+  assert (
+      "encoder/conv_in/kernel" in message
+      and "(5, 5, 3, 32)" in message
+      and "(3, 3, 3, 32)" in message
+  )
   assert "encoder.extra.weight" in message
   assert "decoder.conv_out.bias" in message
   np.testing.assert_array_equal(np.asarray(model.quant_conv.kernel[...]), before)
@@ -187,14 +228,18 @@ def test_quantizer_gradients_and_loss():
   (1 + beta) * mse, with the encoder-side gradient at full weight."""
   quantizer = small_quantizer()
   z = jax.random.normal(jax.random.key(3), (2, 3, 3, 8))
-  np.testing.assert_array_equal(np.asarray(jax.grad(lambda z: quantizer(z).quantized.sum())(z)), 1.0)
+  np.testing.assert_array_equal(
+      np.asarray(jax.grad(lambda z: quantizer(z).quantized.sum())(z)), 1.0
+  )
   out = quantizer(z)
   z_q = np.asarray(quantizer.lookup(out.indices))
   mse = np.mean((z_q - np.asarray(z)) ** 2)
   np.testing.assert_allclose([out.commitment_loss, out.codebook_loss], [mse, mse], rtol=1e-6)
   np.testing.assert_allclose(out.loss, 1.25 * mse, rtol=1e-6)
   grad_z = jax.grad(lambda z: quantizer(z).loss)(z)
-  np.testing.assert_allclose(np.asarray(grad_z), 2 * (np.asarray(z) - z_q) / z_q.size, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(
+      np.asarray(grad_z), 2 * (np.asarray(z) - z_q) / z_q.size, rtol=1e-5, atol=1e-8
+  )
 
 
 def test_code_statistics_hand_made():
@@ -215,8 +260,9 @@ def test_quantizer_under_jit():
   z = jax.random.normal(jax.random.key(4), (2, 4, 4, 8))
   eager, compiled = quantizer(z), jitted(quantizer, "__call__")(z)
   for name in ("quantized", "indices", "loss", "perplexity", "code_usage"):
-    np.testing.assert_allclose(np.asarray(getattr(compiled, name)), np.asarray(getattr(eager, name)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(getattr(compiled, name)), np.asarray(getattr(eager, name)), rtol=1e-6
+    )
 
 
 def test_upsample_conv_is_conv_of_the_upsampled_image():
@@ -226,15 +272,21 @@ def test_upsample_conv_is_conv_of_the_upsampled_image():
 
   def reference(x, kernel, bias):
     upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [2, 10, 14, 6]
-    return jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return (
+        jax.lax.conv_general_dilated(
+            upsampled, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + bias
+    )
 
   with jax.default_matmul_precision("highest"):
     ours = vqgan.upsample_conv3x3(x, kernel, bias)
     assert ours.shape == (2, 10, 14, 4)
     np.testing.assert_allclose(ours, reference(x, kernel, bias), atol=1e-5)
     probe = jax.random.normal(jax.random.key(3), ours.shape)
-    grads = [jax.grad(lambda *args: jnp.sum(f(*args) * probe), (0, 1, 2))(x, kernel, bias)
-             for f in (vqgan.upsample_conv3x3, reference)]
+    grads = [
+        jax.grad(lambda *args: jnp.sum(f(*args) * probe), (0, 1, 2))(x, kernel, bias)
+        for f in (vqgan.upsample_conv3x3, reference)
+    ]
     for g_ours, g_ref in zip(*grads):
       np.testing.assert_allclose(g_ours, g_ref, atol=1e-4)

@@ -1,5 +1,6 @@
 """dove_jax.xla: the library's jit compiles with its XLA options, they change the CPU program, and compiled
 programs are kept across processes."""
+
 import json
 import os
 import subprocess
@@ -14,12 +15,21 @@ from flax import nnx
 from dove_jax import xla
 from dove_jax.models import vqgan
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are the CPU backend's")
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the options are the CPU backend's"
+)
 
 
 def encoder_program(jit) -> str:
-  encoder = vqgan.Encoder(in_channels=3, out_channels=8, block_out_channels=(8, 16), layers_per_block=1,
-                          norm_num_groups=4, mid_block_attention=False, rngs=nnx.Rngs(0))
+  encoder = vqgan.Encoder(
+      in_channels=3,
+      out_channels=8,
+      block_out_channels=(8, 16),
+      layers_per_block=1,
+      norm_num_groups=4,
+      mid_block_attention=False,
+      rngs=nnx.Rngs(0),
+  )
   graphdef, state = nnx.split(encoder)
   apply = jit(lambda state, x: nnx.merge(graphdef, state)(x))
   return apply.lower(state, np.zeros((2, 16, 16, 3), np.float32)).compile().as_text()
@@ -35,7 +45,7 @@ def test_cpu_compiles_without_ynnpack_fusions():
 def test_jit_as_decorator_passes_jit_arguments():
   @xla.jit(static_argnames="power")
   def raise_to(x, power):
-    return x ** power
+    return x**power
 
   assert float(raise_to(np.float32(3), power=2)) == 9.0
   assert "ynn_fusion" not in raise_to.lower(np.float32(3), power=2).compile().as_text()
@@ -53,12 +63,21 @@ print(compiled.count, compiled.cache_hits)
 
 
 def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
-  env = {name: value for name, value in os.environ.items() if not name.startswith(("JAX_COMPILATION_CACHE",
-                                                                                     "JAX_PERSISTENT_CACHE"))}
+  env = {
+      name: value
+      for name, value in os.environ.items()
+      if not name.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
+  }
 
   def run(cache, **extra_env):
-    result = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(cache)], capture_output=True, text=True,
-                            env={**env, **extra_env}, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CACHE_SCRIPT, str(cache)],
+        capture_output=True,
+        text=True,
+        env={**env, **extra_env},
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     directory, counts = result.stdout.strip().splitlines()[-2:]
     return directory, tuple(int(n) for n in counts.split())
@@ -66,8 +85,11 @@ def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
   assert run(tmp_path / "cache") == (str(tmp_path / "cache"), (1, 0))  # compiled and stored
   assert run(tmp_path / "cache") == (str(tmp_path / "cache"), (1, 1))  # loaded
   # A cache the user set already (JAX_COMPILATION_CACHE_DIR) is the one used.
-  assert run(tmp_path / "ignored", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "users"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0") == (str(tmp_path / "users"), (1, 0))
+  assert run(
+      tmp_path / "ignored",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "users"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  ) == (str(tmp_path / "users"), (1, 0))
   assert list((tmp_path / "users").iterdir()) and not (tmp_path / "ignored").exists()
 
 
@@ -94,17 +116,31 @@ def test_the_restart_with_fast_malloc_stops_the_page_faults_of_each_call():
   env = {name: value for name, value in os.environ.items() if name not in xla.MALLOC_VARIABLES}
 
   def run(**extra_env):
-    result = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT, "--flag", "value"], capture_output=True,
-                            text=True, env={**env, **extra_env}, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MALLOC_SCRIPT, "--flag", "value"],
+        capture_output=True,
+        text=True,
+        env={**env, **extra_env},
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
   restarted = run()
   # Same arguments after the restart, under the malloc chosen (mimalloc, from its wheel in requirements.txt).
-  assert restarted[:3] == (xla.fast_malloc_environment(), ["--flag", "value"], xla.mimalloc_library() is not None)
+  assert restarted[:3] == (
+      xla.fast_malloc_environment(),
+      ["--flag", "value"],
+      xla.mimalloc_library() is not None,
+  )
   # Settings the user made win: no restart, glibc's malloc, and each call faults in the product's 16384 pages.
   users = run(GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
-  assert users[:3] == ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}, ["--flag", "value"], False)
+  assert users[:3] == (
+      {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"},
+      ["--flag", "value"],
+      False,
+  )
   assert users[3] > 16384, users
   # mimalloc hands the call the pages of the last one (glibc's huge pages: one fault per 2 MiB); what is
   # left is the rest of the call.

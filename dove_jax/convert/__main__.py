@@ -6,6 +6,7 @@
 --pythia: a Hugging Face GPT-NeoX folder (config.json + weights); its shapes must match the config.
 Parts not given keep the random initialisation drawn from the config's seed.
 """
+
 import sys
 
 from absl import app, flags
@@ -28,8 +29,9 @@ def main(argv):
   config = _CONFIG.value
   model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
   try:
-    reports = load_pretrained(model, vqgan=_VQGAN.value or config.init.vqgan,
-                              pythia=_PYTHIA.value or config.init.pythia)
+    reports = load_pretrained(
+        model, vqgan=_VQGAN.value or config.init.vqgan, pythia=_PYTHIA.value or config.init.pythia
+    )
   except (ConversionError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")  # the message names every problem; a traceback would only bury it
   for report in reports:

@@ -3,6 +3,7 @@
 The block structure is read off our model, so any `VQGAN` configuration converts; a checkpoint of another
 configuration fails in `fill_params` with every mismatching parameter named.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,30 +12,49 @@ from typing import Mapping
 import numpy as np
 
 from dove_jax.models.vqgan import MidBlock, ResnetBlock, Stage, VQGAN
-from dove_jax.tensor_io import (ConversionError, ConversionReport, Source, conv_kernel, fill_params,
-                                join, linear_kernel, read_json_config, read_tensors)
+from dove_jax.tensor_io import (
+    ConversionError,
+    ConversionReport,
+    Source,
+    conv_kernel,
+    fill_params,
+    join,
+    linear_kernel,
+    read_json_config,
+    read_tensors,
+)
 
 Values = dict[str, np.ndarray | None]
 
 # Attention projections: (ours, current diffusers name, name in checkpoints saved by older diffusers).
-_ATTENTION_NAMES = (("to_q", "to_q", "query"), ("to_k", "to_k", "key"), ("to_v", "to_v", "value"),
-                    ("to_out", "to_out.0", "proj_attn"))
+_ATTENTION_NAMES = (
+    ("to_q", "to_q", "query"),
+    ("to_k", "to_k", "key"),
+    ("to_v", "to_v", "value"),
+    ("to_out", "to_out.0", "proj_attn"),
+)
 
 
 def _conv(source: Source, ours: str, theirs: str) -> Values:
-  return {join(ours, "kernel"): conv_kernel(source.take(f"{theirs}.weight")),
-          join(ours, "bias"): source.take(f"{theirs}.bias")}
+  return {
+      join(ours, "kernel"): conv_kernel(source.take(f"{theirs}.weight")),
+      join(ours, "bias"): source.take(f"{theirs}.bias"),
+  }
 
 
 def _linear(source: Source, ours: str, theirs: str) -> Values:
-  return {join(ours, "kernel"): linear_kernel(source.take(f"{theirs}.weight")),
-          join(ours, "bias"): source.take(f"{theirs}.bias")}
+  return {
+      join(ours, "kernel"): linear_kernel(source.take(f"{theirs}.weight")),
+      join(ours, "bias"): source.take(f"{theirs}.bias"),
+  }
 
 
 def _norm(source: Source, ours: str, theirs: str) -> Values:
   """torch GroupNorm weight is our scale."""
-  return {join(ours, "scale"): source.take(f"{theirs}.weight"),
-          join(ours, "bias"): source.take(f"{theirs}.bias")}
+  return {
+      join(ours, "scale"): source.take(f"{theirs}.weight"),
+      join(ours, "bias"): source.take(f"{theirs}.bias"),
+  }
 
 
 def _resnet(source: Source, block: ResnetBlock, ours: str, theirs: str) -> Values:
@@ -47,7 +67,9 @@ def _resnet(source: Source, block: ResnetBlock, ours: str, theirs: str) -> Value
 
 
 def _attention(source: Source, ours: str, theirs: str) -> Values:
-  legacy = f"{theirs}.to_q.weight" not in source.tensors and f"{theirs}.query.weight" in source.tensors
+  legacy = (
+      f"{theirs}.to_q.weight" not in source.tensors and f"{theirs}.query.weight" in source.tensors
+  )
   values = _norm(source, join(ours, "group_norm"), f"{theirs}.group_norm")
   for name, current, old in _ATTENTION_NAMES:
     values |= _linear(source, join(ours, name), f"{theirs}.{old if legacy else current}")
@@ -85,31 +107,46 @@ def vqgan_values_from_diffusers(source: Source, model: VQGAN) -> Values:
   """Our parameter paths -> arrays taken from a diffusers `VQModel` state dict (None where it lacks one)."""
   values = _ends(source, "encoder") | _ends(source, "decoder")
   for i, stage in enumerate(model.encoder.down_blocks):
-    values |= _stage(source, stage, join("encoder", "down_blocks", i), f"encoder.down_blocks.{i}",
-                     "downsamplers")
+    values |= _stage(
+        source, stage, join("encoder", "down_blocks", i), f"encoder.down_blocks.{i}", "downsamplers"
+    )
   for i, stage in enumerate(model.decoder.up_blocks):
-    values |= _stage(source, stage, join("decoder", "up_blocks", i), f"decoder.up_blocks.{i}", "upsamplers")
+    values |= _stage(
+        source, stage, join("decoder", "up_blocks", i), f"decoder.up_blocks.{i}", "upsamplers"
+    )
   for part in ("encoder", "decoder"):
-    values |= _mid_block(source, getattr(model, part).mid_block, f"{part}/mid_block", f"{part}.mid_block")
-  values |= _conv(source, "quant_conv", "quant_conv") | _conv(source, "post_quant_conv", "post_quant_conv")
+    values |= _mid_block(
+        source, getattr(model, part).mid_block, f"{part}/mid_block", f"{part}.mid_block"
+    )
+  values |= _conv(source, "quant_conv", "quant_conv") | _conv(
+      source, "post_quant_conv", "post_quant_conv"
+  )
   values["quantizer/embedding"] = source.take("quantize.embedding.weight")
   return values
 
 
 def _check_config(config: Mapping, model: VQGAN, origin: str) -> None:
   """What shapes cannot reveal: the norm type, the activation and the number of GroupNorm groups."""
-  expected = {"norm_type": "group", "act_fn": "silu",
-              "norm_num_groups": model.encoder.conv_norm_out.num_groups}
-  problems = [f"config {key}={config[key]!r}, model needs {want!r}"
-              for key, want in expected.items() if key in config and config[key] != want]
+  expected = {
+      "norm_type": "group",
+      "act_fn": "silu",
+      "norm_num_groups": model.encoder.conv_norm_out.num_groups,
+  }
+  problems = [
+      f"config {key}={config[key]!r}, model needs {want!r}"
+      for key, want in expected.items()
+      if key in config and config[key] != want
+  ]
   if problems:
     raise ConversionError(f"{origin} does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def load_diffusers_vqgan(model: VQGAN, path_or_tensors: str | Path | Mapping[str, np.ndarray]
-                         ) -> ConversionReport:
+def load_diffusers_vqgan(
+    model: VQGAN, path_or_tensors: str | Path | Mapping[str, np.ndarray]
+) -> ConversionReport:
   """Fills `model` from a diffusers VQModel folder (config.json + weights), a .safetensors / .bin file, or a
-  state dict of arrays. Raises ConversionError, leaving the model untouched, if anything does not fit."""
+  state dict of arrays. Raises ConversionError, leaving the model untouched, if anything does not fit.
+  """
   if isinstance(path_or_tensors, Mapping):
     source = Source(path_or_tensors, "diffusers VQModel state dict")
   else:

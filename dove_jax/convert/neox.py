@@ -3,6 +3,7 @@
 NeoXBlock keeps Pythia's fused `query_key_value` layout ([heads, (q, k, v), head_dim] along the outputs), so
 every linear layer converts with a plain transpose and every LayerNorm weight becomes a scale.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -12,8 +13,16 @@ from typing import Mapping
 import numpy as np
 
 from dove_jax.models.neox import NeoXTransformer
-from dove_jax.tensor_io import (ConversionError, ConversionReport, Source, fill_params, join,
-                                linear_kernel, read_json_config, read_tensors)
+from dove_jax.tensor_io import (
+    ConversionError,
+    ConversionReport,
+    Source,
+    fill_params,
+    join,
+    linear_kernel,
+    read_json_config,
+    read_tensors,
+)
 
 # config.json field -> NeoXTransformer keyword (and attribute) that must agree with it.
 _ARCHITECTURE = (
@@ -26,21 +35,34 @@ _ARCHITECTURE = (
     ("layer_norm_eps", "layer_norm_eps"),
 )
 # config.json fields NeoXBlock hard-codes: parallel residual, erf GELU, biased attention, unscaled rotary.
-_FIXED = {"use_parallel_residual": True, "hidden_act": "gelu", "attention_bias": True, "rope_type": "default"}
+_FIXED = {
+    "use_parallel_residual": True,
+    "hidden_act": "gelu",
+    "attention_bias": True,
+    "rope_type": "default",
+}
 # What transformers assumes when config.json leaves a field out.
 _HF_DEFAULTS = {"rotary_pct": 0.25, "rotary_emb_base": 10000.0, "layer_norm_eps": 1e-5, **_FIXED}
 # transformers >= 5 writes the rotary fields inside rope_parameters, under these names.
-_ROPE_PARAMETERS = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta",
-                    "rope_type": "rope_type"}
+_ROPE_PARAMETERS = {
+    "rotary_pct": "partial_rotary_factor",
+    "rotary_emb_base": "rope_theta",
+    "rope_type": "rope_type",
+}
 
 
 def _norm(source: Source, key: str, path: str) -> dict:
-  return {join(path, "scale"): source.take(f"{key}.weight"), join(path, "bias"): source.take(f"{key}.bias")}
+  return {
+      join(path, "scale"): source.take(f"{key}.weight"),
+      join(path, "bias"): source.take(f"{key}.bias"),
+  }
 
 
 def _linear(source: Source, key: str, path: str) -> dict:
-  return {join(path, "kernel"): linear_kernel(source.take(f"{key}.weight")),
-          join(path, "bias"): source.take(f"{key}.bias")}
+  return {
+      join(path, "kernel"): linear_kernel(source.take(f"{key}.weight")),
+      join(path, "bias"): source.take(f"{key}.bias"),
+  }
 
 
 # Pythia name under layers.{i}, our path under layers/{i}, converter.
@@ -54,8 +76,9 @@ _BLOCK_TENSORS = (
 )
 
 
-def neox_values_from_hf(source: Source, model: NeoXTransformer,
-                        prefix: str = "gpt_neox.") -> dict[str, np.ndarray | None]:
+def neox_values_from_hf(
+    source: Source, model: NeoXTransformer, prefix: str = "gpt_neox."
+) -> dict[str, np.ndarray | None]:
   """Our parameter paths -> arrays taken from a GPT-NeoX state dict whose keys start with `prefix`."""
   values = _norm(source, f"{prefix}final_layer_norm", "final_norm")
   for i in range(len(model.layers)):
@@ -78,8 +101,12 @@ def _architecture(model: NeoXTransformer) -> dict:
   return {kwarg: getattr(model, kwarg) for _, kwarg in _ARCHITECTURE}
 
 
-def load_pythia(model: NeoXTransformer, path_or_tensors: str | Path | Mapping[str, np.ndarray], *,
-                prefix: str = "gpt_neox.") -> ConversionReport:
+def load_pythia(
+    model: NeoXTransformer,
+    path_or_tensors: str | Path | Mapping[str, np.ndarray],
+    *,
+    prefix: str = "gpt_neox.",
+) -> ConversionReport:
   """Fills `model` from a Pythia checkpoint: a Hugging Face folder, a weight file, or a dict of tensors.
 
   A folder's config.json is checked first, so a wrong model size fails with the differing config fields
@@ -98,7 +125,9 @@ def load_pythia(model: NeoXTransformer, path_or_tensors: str | Path | Mapping[st
 def _config_fields(config: Mapping) -> dict:
   """config.json values under their GPT-NeoX names, with transformers' defaults for absent ones."""
   rope = config.get("rope_parameters") or {}
-  old_scaling = config.get("rope_scaling") or {}  # transformers < 5: {"type": "linear", ...} or null
+  old_scaling = (
+      config.get("rope_scaling") or {}
+  )  # transformers < 5: {"type": "linear", ...} or null
   fields = {**_HF_DEFAULTS, **config, "rope_type": old_scaling.get("type", "default")}
   fields.update({field: rope[name] for field, name in _ROPE_PARAMETERS.items() if name in rope})
   return fields
@@ -113,14 +142,23 @@ def check_neox_config(folder_or_config_dict: str | Path | Mapping, model_kwargs:
     config, origin = folder_or_config_dict, "config"
   else:
     config, origin = read_json_config(folder_or_config_dict), f"{folder_or_config_dict}/config.json"
-  defaults = {name: p.default for name, p in inspect.signature(NeoXTransformer.__init__).parameters.items()
-              if p.default is not inspect.Parameter.empty}
+  defaults = {
+      name: p.default
+      for name, p in inspect.signature(NeoXTransformer.__init__).parameters.items()
+      if p.default is not inspect.Parameter.empty
+  }
   ours = {**defaults, **model_kwargs}
   fields = _config_fields(config)
-  problems = [f"{field}: config has {fields.get(field)!r}, model has {kwarg}={ours[kwarg]!r}"
-              for field, kwarg in _ARCHITECTURE if fields.get(field) != ours[kwarg]]
-  problems += [f"{field}: config has {fields[field]!r}, NeoXTransformer supports only {needed!r}"
-               for field, needed in _FIXED.items() if fields[field] != needed]
+  problems = [
+      f"{field}: config has {fields.get(field)!r}, model has {kwarg}={ours[kwarg]!r}"
+      for field, kwarg in _ARCHITECTURE
+      if fields.get(field) != ours[kwarg]
+  ]
+  problems += [
+      f"{field}: config has {fields[field]!r}, NeoXTransformer supports only {needed!r}"
+      for field, needed in _FIXED.items()
+      if fields[field] != needed
+  ]
   if problems:
     raise ConversionError(f"{origin} does not match the model:\n  " + "\n  ".join(problems))
 

@@ -2,6 +2,7 @@
 VQModel, or one trained here by `configs/vqgan.py`, stage 1 of the built-in recipe) and a Pythia checkpoint for
 both transformers (the generator's and the token decoder's blocks) and, for Q-DOVE, the query embedding
 (Pythia's input embedding: its tokenizer's ids then mean what Pythia learned)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +25,7 @@ def is_own_weights(path: str | Path) -> bool:
   if path.suffix != ".safetensors" or not path.is_file():
     return False
   from safetensors import safe_open
+
   with safe_open(str(path), "np") as f:
     return (f.metadata() or {}).get("format") == "dove-jax"
 
@@ -35,11 +37,13 @@ def load_vqgan(model: VQGAN, path: str | Path) -> ConversionReport:
   if not is_own_weights(path):
     return load_diffusers_vqgan(model, path)
   from dove_jax.weights import read_weights, subtree
+
   return fill_by_path(model, subtree(read_weights(path), OWN_VQGAN_PREFIX))
 
 
-def load_pretrained(model: DOVE, *, vqgan: str | Path | None = None,
-                    pythia: str | Path | None = None) -> list[ConversionReport]:
+def load_pretrained(
+    model: DOVE, *, vqgan: str | Path | None = None, pythia: str | Path | None = None
+) -> list[ConversionReport]:
   """Loads whichever weights are given into `model` in place; the rest keeps its initialisation."""
   reports = []
   if vqgan:
@@ -49,6 +53,12 @@ def load_pretrained(model: DOVE, *, vqgan: str | Path | None = None,
     reports.append(load_pythia(model.token_decoder.transformer, pythia))
     if model.query_embed is not None:
       source = Source({"embed_in": read_embed_in(pythia)}, f"{pythia} (embed_in)")
-      reports.append(fill_params(model.query_embed, {"embedding": source.take("embed_in")}, source,
-                                 prefix="query_embed/"))
+      reports.append(
+          fill_params(
+              model.query_embed,
+              {"embedding": source.take("embed_in")},
+              source,
+              prefix="query_embed/",
+          )
+      )
   return reports

@@ -21,6 +21,7 @@ Features of one example:
 
   builder = DoveShapes(config="64", data_dir=...)   # or load_builtin(64, data_dir) for both splits
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,20 +36,42 @@ SEED = 2506_03643  # the paper's arXiv number; fixed so that every machine gener
 SPLIT_IDS = {"train": 0, "validation": 1}
 MAX_OBJECTS = 12
 
-SHAPES = ("square", "rectangle", "circle", "ellipse", "triangle", "pentagon", "hexagon", "ring", "cross")
+SHAPES = (
+    "square",
+    "rectangle",
+    "circle",
+    "ellipse",
+    "triangle",
+    "pentagon",
+    "hexagon",
+    "ring",
+    "cross",
+)
 LABELS = ("empty",) + SHAPES
 TEXTURES = ("plain", "striped", "checkered", "dotted", "noisy")
 COLOURS = {
-    "red": (215, 40, 40), "orange": (240, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
-    "cyan": (40, 200, 210), "blue": (40, 80, 210), "purple": (130, 50, 180), "pink": (240, 130, 180),
-    "brown": (130, 80, 40), "white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20),
+    "red": (215, 40, 40),
+    "orange": (240, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "cyan": (40, 200, 210),
+    "blue": (40, 80, 210),
+    "purple": (130, 50, 180),
+    "pink": (240, 130, 180),
+    "brown": (130, 80, 40),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
 }
-NOISE_DETAIL = 24.0  # texture detail of per-pixel noise, on the scale of pattern cycles per image width
+NOISE_DETAIL = (
+    24.0  # texture detail of per-pixel noise, on the scale of pattern cycles per image width
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SceneObject:
   """One object, in units of the image size, so that one scene renders at any resolution."""
+
   shape: str
   texture: str
   colour: str
@@ -68,13 +91,20 @@ class SceneObject:
   @property
   def detail(self) -> float:
     """How much fine structure the texture adds, in pattern cycles per image width (see the module doc)."""
-    return {"plain": 0.0, "striped": self.cycles, "dotted": self.cycles, "checkered": 2 * self.cycles,
-            "noisy": NOISE_DETAIL}[self.texture]
+    return {
+        "plain": 0.0,
+        "striped": self.cycles,
+        "dotted": self.cycles,
+        "checkered": 2 * self.cycles,
+        "noisy": NOISE_DETAIL,
+    }[self.texture]
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  background: tuple[tuple[int, int, int], tuple[int, int, int]]  # colours at the two ends of the gradient
+  background: tuple[
+      tuple[int, int, int], tuple[int, int, int]
+  ]  # colours at the two ends of the gradient
   gradient_angle: float
   objects: tuple[SceneObject, ...]
 
@@ -120,7 +150,9 @@ def sample_scene(rng: np.random.Generator) -> Scene:
   start = random_rgb(rng)
   end = random_rgb(rng) if rng.random() < 0.5 else start  # half flat, half graded
   gradient_angle = float(rng.uniform(0, 2 * np.pi))
-  return Scene((start, end), gradient_angle, tuple(sample_object(rng) for _ in range(num_objects(rng))))
+  return Scene(
+      (start, end), gradient_angle, tuple(sample_object(rng) for _ in range(num_objects(rng)))
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,14 +171,18 @@ def _regular_polygon(u, v, radius, sides):
   return projections.max(-1) - radius * math.cos(math.pi / sides)
 
 
-def signed_distance(shape: str, u: np.ndarray, v: np.ndarray, radius: float, aspect: float) -> np.ndarray:
+def signed_distance(
+    shape: str, u: np.ndarray, v: np.ndarray, radius: float, aspect: float
+) -> np.ndarray:
   if shape == "square":
     return _box(u, v, radius, radius)
   if shape == "rectangle":
     return _box(u, v, radius, radius / aspect)
   if shape == "circle":
     return np.hypot(u, v) - radius
-  if shape == "ellipse":  # scaled implicit distance: exact on the short axis, conservative elsewhere
+  if (
+      shape == "ellipse"
+  ):  # scaled implicit distance: exact on the short axis, conservative elsewhere
     return (np.hypot(u / radius, v * aspect / radius) - 1) * radius / aspect
   if shape in ("triangle", "pentagon", "hexagon"):
     return _regular_polygon(u, v, radius, {"triangle": 3, "pentagon": 5, "hexagon": 6}[shape])
@@ -182,7 +218,10 @@ def second_shade(rgb: tuple[int, int, int]) -> np.ndarray:
 def render_background(scene: Scene, size: int) -> np.ndarray:
   """A linear ramp between the two background colours along `gradient_angle`: [S, S, 3] float32."""
   coords = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-  ramp = (np.cos(scene.gradient_angle) * coords[None, :] + np.sin(scene.gradient_angle) * coords[:, None])
+  ramp = (
+      np.cos(scene.gradient_angle) * coords[None, :]
+      + np.sin(scene.gradient_angle) * coords[:, None]
+  )
   ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)  # [S, S] in [0, 1]
   start, end = (np.asarray(c, np.float32) for c in scene.background)
   return start + ramp[..., None] * (end - start)
@@ -197,7 +236,9 @@ def render(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     visible: [n] float32, the fraction of the image where each object is on top.
   """
   canvas = render_background(scene, size)  # [S, S, 3]
-  on_top = np.full((size, size), -1, np.int32)  # index of the front object per pixel, -1 = background
+  on_top = np.full(
+      (size, size), -1, np.int32
+  )  # index of the front object per pixel, -1 = background
   boxes = np.zeros((len(scene.objects), 4), np.float32)
   for index, obj in enumerate(scene.objects):
     # Only the window that can hold the object is computed: sqrt(2) * radius bounds every shape's extent.
@@ -262,6 +303,7 @@ def encode_png(image: np.ndarray) -> bytes:
 @dataclasses.dataclass(eq=False)
 class DoveShapesConfig(tfds.core.BuilderConfig):
   """Image side in pixels and split sizes (64 px: ~18 s to generate on 2 cores, 256 px: ~60 s)."""
+
   image_size: int = 64
   num_train: int = 8192
   num_validation: int = 512
@@ -277,10 +319,16 @@ class DoveShapes(tfds.core.GeneratorBasedBuilder):
   url_infos = None
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [
-      DoveShapesConfig(name="64", description="64 x 64 pixels", image_size=64, num_train=8192,
-                       num_validation=512),
-      DoveShapesConfig(name="256", description="256 x 256 pixels", image_size=256, num_train=4096,
-                       num_validation=512),
+      DoveShapesConfig(
+          name="64", description="64 x 64 pixels", image_size=64, num_train=8192, num_validation=512
+      ),
+      DoveShapesConfig(
+          name="256",
+          description="256 x 256 pixels",
+          image_size=256,
+          num_train=4096,
+          num_validation=512,
+      ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -288,15 +336,23 @@ class DoveShapes(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=LABELS,
-                                              doc="'empty' or the shape covering the most pixels"),
-            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32,
-                                          doc="(ymin, xmin, ymax, xmax) in [0, 1], back to front"),
-            "descriptions": tfds.features.Sequence(tfds.features.Text(), doc="one per box"),
-            "complexity": tfds.features.Scalar(dtype=np.float32, doc="the generator's figure, see the doc"),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(
+                    names=LABELS, doc="'empty' or the shape covering the most pixels"
+                ),
+                "boxes": tfds.features.Tensor(
+                    shape=(None, 4),
+                    dtype=np.float32,
+                    doc="(ymin, xmin, ymax, xmax) in [0, 1], back to front",
+                ),
+                "descriptions": tfds.features.Sequence(tfds.features.Text(), doc="one per box"),
+                "complexity": tfds.features.Scalar(
+                    dtype=np.float32, doc="the generator's figure, see the doc"
+                ),
+            }
+        ),
         supervised_keys=("image", "label"),
     )
 

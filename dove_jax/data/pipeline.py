@@ -21,6 +21,7 @@ exactly the next batch. With Orbax, save it beside the train state in one compos
   manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                 data=grain.checkpoint.CheckpointRestore(iterator)))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,12 @@ READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 def invalid_example() -> dict:
   """What an unreadable image, and an eval padding slot, becomes: a zero image with valid=False."""
-  return {"image": np.zeros((1, 1, 3), np.uint8), "label": np.int32(0), "valid": np.bool_(False),
-          "complexity": np.float32(0)}
+  return {
+      "image": np.zeros((1, 1, 3), np.uint8),
+      "label": np.int32(0),
+      "valid": np.bool_(False),
+      "complexity": np.float32(0),
+  }
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -67,17 +72,24 @@ def decode_image(record: dict, with_regions: bool = False) -> dict:
   """A TFDS record (decoded `image` array) or a folder record (`image_bytes`) -> {image uint8 [H, W, 3],
   label int32, valid bool, complexity float32 (0 where the source has none)}; `with_regions` keeps the
   record's descriptions and boxes for the query step. Never raises on a bad image; a bad region (an empty
-  text, a box outside the image) raises ValueError naming the record, since it is the data set's bug."""
+  text, a box outside the image) raises ValueError naming the record, since it is the data set's bug.
+  """
   where = record.get("path", "a record")
   found = queries.regions(record, where) if with_regions else None
   try:
     image = as_rgb(record["image"]) if "image" in record else decode_bytes(record["image_bytes"])
   except Exception as e:  # pylint: disable=broad-except
     # Pillow reports broken files as OSError, SyntaxError, ValueError, ...: any of them only skips the image.
-    logging.warning("unreadable image %s (%s: %s); it is marked valid=False", where, type(e).__name__, e)
+    logging.warning(
+        "unreadable image %s (%s: %s); it is marked valid=False", where, type(e).__name__, e
+    )
     return invalid_example()
-  example = {"image": image, "label": np.int32(record.get("label", 0)), "valid": np.bool_(True),
-             "complexity": np.float32(record.get("complexity", 0))}
+  example = {
+      "image": image,
+      "label": np.int32(record.get("label", 0)),
+      "valid": np.bool_(True),
+      "complexity": np.float32(record.get("complexity", 0)),
+  }
   if found:
     example["descriptions"], example["boxes"] = found
   return example
@@ -97,7 +109,7 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
 def crop(example: dict, size: int, top: int, left: int) -> dict:
   """The `size` x `size` crop at (top, left) of the (resized) image, with its boxes, if any, moved along."""
   image = example["image"]
-  cropped = {**example, "image": image[top:top + size, left:left + size]}
+  cropped = {**example, "image": image[top : top + size, left : left + size]}
   if "boxes" in example:
     cropped["boxes"] = boxlib.crop_boxes_np(example["boxes"], *image.shape[:2], top, left, size)
   return cropped
@@ -114,7 +126,8 @@ def _other_side(match: re.Match) -> str:
 
 def mirror_text(text: str | bytes) -> str | bytes:
   """A text about an image -> the same text about the mirrored image: the whole words "left" and "right"
-  swapped, case kept ("the Left dog" -> "the Right dog"; "leftover" stays). bytes stay bytes (UTF-8)."""
+  swapped, case kept ("the Left dog" -> "the Right dog"; "leftover" stays). bytes stay bytes (UTF-8).
+  """
   if isinstance(text, bytes):
     return mirror_text(text.decode("utf-8")).encode("utf-8")
   return SIDES.sub(_other_side, text)
@@ -134,18 +147,25 @@ def flip(example: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class TrainCrop(grain.transforms.RandomMap):
   """Shorter side to `size`, a random `size` x `size` crop, a horizontal flip half of the time."""
+
   size: int
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     example = {**example, "image": resize_shorter_side(example["image"], self.size)}
     height, width = example["image"].shape[:2]
-    example = crop(example, self.size, rng.integers(height - self.size + 1), rng.integers(width - self.size + 1))
+    example = crop(
+        example,
+        self.size,
+        rng.integers(height - self.size + 1),
+        rng.integers(width - self.size + 1),
+    )
     return flip(example) if rng.random() < 0.5 else example
 
 
 @dataclasses.dataclass(frozen=True)
 class CentreCrop(grain.transforms.Map):
   """Shorter side to `size`, the central `size` x `size` crop."""
+
   size: int
 
   def map(self, example: dict) -> dict:
@@ -163,9 +183,18 @@ def _padding(_) -> dict:
   return invalid_example()
 
 
-def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool,
-                 num_epochs: int | None = None, worker_count: int = 0,
-                 shard_by_process: bool = True, query: queries.SelectQuery | None = None) -> grain.IterDataset:
+def make_dataset(
+    source,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    seed: int,
+    train: bool,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    shard_by_process: bool = True,
+    query: queries.SelectQuery | None = None,
+) -> grain.IterDataset:
   """Batches of this process's share of `source` (see the module doc for the keys).
 
   Args:
@@ -185,26 +214,38 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
     query: for Q-DOVE, the step that turns each cropped example's regions into a padded query and boxes.
   """
   if global_batch_size % jax.process_count():
-    raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of the "
-                     f"{jax.process_count()} processes")
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not a multiple of the "
+        f"{jax.process_count()} processes"
+    )
   batch_size = global_batch_size // jax.process_count()
-  num_shards, shard_index = (jax.process_count(), jax.process_index()) if shard_by_process else (1, 0)
-  examples_per_step = batch_size * num_shards  # so that every process makes the same number of batches
+  num_shards, shard_index = (
+      (jax.process_count(), jax.process_index()) if shard_by_process else (1, 0)
+  )
+  examples_per_step = (
+      batch_size * num_shards
+  )  # so that every process makes the same number of batches
   dataset = grain.MapDataset.source(source).seed(seed)
   decode = functools.partial(decode_image, with_regions=query is not None)
   if train:
     dataset = dataset.shuffle().repeat(num_epochs).map(decode).random_map(TrainCrop(image_size))
     if num_epochs is not None:
-      dataset = dataset[:len(dataset) // examples_per_step * examples_per_step]
+      dataset = dataset[: len(dataset) // examples_per_step * examples_per_step]
   else:
     padding = grain.MapDataset.range(-len(dataset) % examples_per_step).map(_padding)
-    dataset = grain.MapDataset.concatenate([dataset.map(decode), padding]).map(CentreCrop(image_size))
+    dataset = grain.MapDataset.concatenate([dataset.map(decode), padding]).map(
+        CentreCrop(image_size)
+    )
   if query is not None:
     dataset = dataset.random_map(query)
-  dataset = dataset[shard_index::num_shards].map(to_model_input).batch(batch_size, drop_remainder=True)
+  dataset = (
+      dataset[shard_index::num_shards].map(to_model_input).batch(batch_size, drop_remainder=True)
+  )
   dataset = dataset.to_iter_dataset(READ_OPTIONS)
   if worker_count:
-    if not flags.FLAGS.is_parsed():  # grain's worker start-up reads absl flags, also outside an absl app
+    if (
+        not flags.FLAGS.is_parsed()
+    ):  # grain's worker start-up reads absl flags, also outside an absl app
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return dataset

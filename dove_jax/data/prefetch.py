@@ -13,6 +13,7 @@ The state is the JSON text grain's Orbax handler writes for a plain DatasetItera
 format for other iterators), so `grain.checkpoint.CheckpointSave/CheckpointRestore` take the prefetcher as
 they take the iterator, and checkpoints written from the plain iterator restore into it.
 """
+
 from __future__ import annotations
 
 import collections

@@ -13,6 +13,7 @@ It adds fixed-shape fields, so a batch stacks without Python lists:
 An example without regions (an unreadable image, an evaluation padding slot) or whose boxes all fall outside
 the training crop gets the empty query.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,9 @@ def regions(record: dict, where: str) -> tuple[list[str], np.ndarray] | None:
   texts = [_text(d).strip() for d in record["descriptions"]]
   region_boxes = boxlib.check_boxes(np.reshape(record["boxes"], (-1, 4)), where)
   if len(texts) != len(region_boxes):
-    raise ValueError(f"{where}: {len(texts)} descriptions but {len(region_boxes)} boxes; they go in pairs")
+    raise ValueError(
+        f"{where}: {len(texts)} descriptions but {len(region_boxes)} boxes; they go in pairs"
+    )
   empty = [i for i, text in enumerate(texts) if not text]
   if empty:
     raise ValueError(f"{where}: description {empty[0]} is empty; every box needs a text")
@@ -53,6 +56,7 @@ class SelectQuery(grain.transforms.RandomMap):
 
   tokenizer: a `dove_jax.text` tokenizer (picklable, so it runs in grain worker processes).
   """
+
   tokenizer: object
   max_length: int
   max_boxes: int
@@ -67,9 +71,14 @@ class SelectQuery(grain.transforms.RandomMap):
     if np.any(usable):
       text = texts[rng.choice(np.flatnonzero(usable))]
       same_text = usable & np.array([t == text for t in texts])
-      chosen = region_boxes[same_text][:self.max_boxes]
+      chosen = region_boxes[same_text][: self.max_boxes]
     ids, mask = self.tokenizer.encode_batch([text], self.max_length)
     padded = np.zeros((self.max_boxes, 4), np.float32)
-    padded[:len(chosen)] = chosen
-    return {**example, "query_ids": ids[0], "query_mask": mask[0], "boxes": padded,
-            "box_mask": np.arange(self.max_boxes) < len(chosen)}
+    padded[: len(chosen)] = chosen
+    return {
+        **example,
+        "query_ids": ids[0],
+        "query_mask": mask[0],
+        "boxes": padded,
+        "box_mask": np.arange(self.max_boxes) < len(chosen),
+    }

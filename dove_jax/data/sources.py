@@ -4,6 +4,7 @@ Both are grain `RandomAccessDataSource`s (`len(source)`, `source[i]`) whose reco
 understands: TFDS records carry a decoded `image` array, folder records the file's `image_bytes`.
 Nothing here downloads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +19,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 def tfds_source(name: str, split: str, data_dir: str):
   """`split` of the TFDS data set `name` (e.g. 'imagenet2012', 'dove_shapes/64') prepared under `data_dir`
-  as array_record files, as a `tfds.data_source`. Raises FileNotFoundError if it is not prepared there."""
+  as array_record files, as a `tfds.data_source`. Raises FileNotFoundError if it is not prepared there.
+  """
   import tensorflow_datasets as tfds  # only for TFDS sets: a folder or Visual Genome run does without it
+
   not_prepared = FileNotFoundError(
       f"TFDS data set {name!r} (split {split!r}) is not prepared under data_dir={data_dir!r}, and this "
       f"code never downloads. Prepare it there first as array_record files, e.g. `tfds build {name} "
       f"--data_dir={data_dir} --file_format=array_record` (ImageNet also needs its archives in "
-      "--manual_dir).")
+      "--manual_dir)."
+  )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -59,15 +63,20 @@ class ImageFolderSource:
 
   def __init__(self, root: str | Path):
     root = Path(root)
-    relative_paths = sorted(p.relative_to(root) for p in root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    relative_paths = sorted(
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not relative_paths:
       raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     class_folders = [_class_folder(p) for p in relative_paths]
     if None in class_folders and any(class_folders):
       loose = relative_paths[class_folders.index(None)]
-      raise ValueError(f"{root} has class subfolders but also images directly inside it (e.g. {loose}); "
-                       "move them into a subfolder so every image has a class")
+      raise ValueError(
+          f"{root} has class subfolders but also images directly inside it (e.g. {loose}); "
+          "move them into a subfolder so every image has a class"
+      )
     self.root = root
     self.classes = sorted(set(class_folders) - {None})
     class_index = {name: index for index, name in enumerate(self.classes)}
@@ -151,8 +160,12 @@ def record_labels(source) -> np.ndarray:
   info = getattr(source, "dataset_info", None)
   if info is not None:
     import tensorflow_datasets as tfds
-    undecoded = {name: tfds.decode.SkipDecoding() for name, feature in info.features.items()
-                 if isinstance(feature, tfds.features.Image)}
+
+    undecoded = {
+        name: tfds.decode.SkipDecoding()
+        for name, feature in info.features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
     source = type(source)(dataset_info=info, split=source.split, decoders=undecoded)
   return np.array([record.get("label", 0) for record in source], np.int64)
 
@@ -176,8 +189,11 @@ def class_ids(entries: Sequence[str], names: Sequence[str] | None, where: str) -
     elif entry.isdigit() and (names is None or int(entry) < len(names)):
       ids.append(int(entry))
     else:
-      known = f"one of its {len(names)} class names (e.g. {names[0]!r}) or an id below {len(names)}" if names \
+      known = (
+          f"one of its {len(names)} class names (e.g. {names[0]!r}) or an id below {len(names)}"
+          if names
           else "a class id (the data set names no classes)"
+      )
       raise ValueError(f"{where}: unknown class {entry!r}; expected {known}")
     if ids[-1] in ids[:-1]:
       raise ValueError(f"{where}: class {entry!r} is listed twice")
@@ -190,13 +206,17 @@ def class_subset(source, path: str | Path) -> ClassSubset:
   """The records of the classes listed in the file `path` (`read_class_list`), relabelled 0..K-1 in the
   list's order; e.g. configs/imagenet100.txt on imagenet2012. Raises ValueError naming the file and any
   entry that is not a class of `source`."""
-  return ClassSubset(source, class_ids(read_class_list(path), class_names(source) or None, str(path)))
+  return ClassSubset(
+      source, class_ids(read_class_list(path), class_names(source) or None, str(path))
+  )
 
 
 def split_off(source, eval_size: int) -> tuple[Subset, Subset]:
   """(train, eval): the last `eval_size` records are held out for evaluation (for a set with one split)."""
   if not 0 < eval_size < len(source):
-    raise ValueError(f"config.data.eval_size = {eval_size}; expected 1..{len(source) - 1} for {source!r}")
+    raise ValueError(
+        f"config.data.eval_size = {eval_size}; expected 1..{len(source) - 1} for {source!r}"
+    )
   cut = len(source) - eval_size
   return Subset(source, range(cut)), Subset(source, range(cut, len(source)))
 
@@ -206,7 +226,7 @@ def held_out(relative_path: str, eval_fraction: float) -> bool:
   path (POSIX separators), read as a fraction of 2^64, fall below `eval_fraction`. Depends on nothing but the
   path, so every run and machine splits a folder alike, and adding images never moves the others."""
   digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
+  return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
 def folder_split(folder: ImageFolderSource, eval_fraction: float) -> tuple[Subset, Subset]:
@@ -217,6 +237,8 @@ def folder_split(folder: ImageFolderSource, eval_fraction: float) -> tuple[Subse
     raise ValueError(f"config.data.eval_fraction = {eval_fraction}; expected a fraction in (0, 1]")
   is_eval = np.array([held_out(path, eval_fraction) for path in folder.relative_paths], bool)
   if not is_eval.any():
-    raise ValueError(f"no image of {folder!r} falls in the held-out {eval_fraction:.1%}; raise "
-                     "config.data.eval_fraction")
+    raise ValueError(
+        f"no image of {folder!r} falls in the held-out {eval_fraction:.1%}; raise "
+        "config.data.eval_fraction"
+    )
   return Subset(folder, np.flatnonzero(~is_eval)), Subset(folder, np.flatnonzero(is_eval))

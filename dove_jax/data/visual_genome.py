@@ -23,6 +23,7 @@ The JSON is parsed once (for all of VG, 108k images and 5.4M regions, that takes
 what is kept is compact: per-region boxes in one array and the phrases in one UTF-8 buffer, so the source
 stays small and pickles quickly to grain's worker processes. Nothing here downloads.
 """
+
 from __future__ import annotations
 
 import array
@@ -41,8 +42,14 @@ DEFAULT_IMAGE_DIRS = ("VG_100K", "VG_100K_2", "images")
 # VG boxes often overhang the image by a pixel: clip those, skip worse ones.
 OVERHANG_PIXELS = 1.0
 # What `skipped` counts: the first three are regions, the last three images.
-SKIP_REASONS = ("empty_phrase", "nonpositive_size", "outside_image",
-                "missing_file", "unreadable_file", "no_usable_regions")
+SKIP_REASONS = (
+    "empty_phrase",
+    "nonpositive_size",
+    "outside_image",
+    "missing_file",
+    "unreadable_file",
+    "no_usable_regions",
+)
 
 
 class _BadRegion(Exception):
@@ -74,8 +81,10 @@ def _sizes_from_image_data(path: Path) -> dict[int, tuple[int, int]]:
     try:
       sizes[image_id] = int(entry["width"]), int(entry["height"])
     except KeyError as e:
-      raise ValueError(f"{path}: image {image_id} has no {e}; each entry needs width and height (or remove "
-                       "the file to read sizes from the images)") from None
+      raise ValueError(
+          f"{path}: image {image_id} has no {e}; each entry needs width and height (or remove "
+          "the file to read sizes from the images)"
+      ) from None
   return sizes
 
 
@@ -100,21 +109,34 @@ def _starts(lengths: Sequence[int]) -> np.ndarray:
 
 def _normalized_box(region: dict, width: int, height: int) -> tuple[float, float, float, float]:
   """A region's pixel box (x, y, width, height) -> (ymin, xmin, ymax, xmax) in [0, 1], clipped to the
-  image. Raises _BadRegion for a box without area or one that overhangs by more than OVERHANG_PIXELS."""
+  image. Raises _BadRegion for a box without area or one that overhangs by more than OVERHANG_PIXELS.
+  """
   x, y, w, h = (float(region[key]) for key in ("x", "y", "width", "height"))
   for field, value in (("width", w), ("height", h)):
     if value <= 0:
       raise _BadRegion("nonpositive_size", f"{field} = {value:g} is not positive")
-  for field, value, low, high in (("x", x, 0, width), ("y", y, 0, height),
-                                  ("x + width", x + w, 0, width), ("y + height", y + h, 0, height)):
+  for field, value, low, high in (
+      ("x", x, 0, width),
+      ("y", y, 0, height),
+      ("x + width", x + w, 0, width),
+      ("y + height", y + h, 0, height),
+  ):
     if not low - OVERHANG_PIXELS <= value <= high + OVERHANG_PIXELS:
-      raise _BadRegion("outside_image", f"{field} = {value:g} is outside the image's [{low}, {high}] by more "
-                                       f"than {OVERHANG_PIXELS:g} pixel ({width}x{height} image)")
+      raise _BadRegion(
+          "outside_image",
+          f"{field} = {value:g} is outside the image's [{low}, {high}] by more "
+          f"than {OVERHANG_PIXELS:g} pixel ({width}x{height} image)",
+      )
   xmin, xmax = max(x, 0), min(x + w, width)
   ymin, ymax = max(y, 0), min(y + h, height)
-  if xmax <= xmin or ymax <= ymin:  # e.g. x = width + 0.5: within the tolerance, but nothing is left
-    raise _BadRegion("outside_image", f"the box x={x:g}, y={y:g}, width={w:g}, height={h:g} has no area "
-                                     f"inside the {width}x{height} image")
+  if (
+      xmax <= xmin or ymax <= ymin
+  ):  # e.g. x = width + 0.5: within the tolerance, but nothing is left
+    raise _BadRegion(
+        "outside_image",
+        f"the box x={x:g}, y={y:g}, width={w:g}, height={h:g} has no area "
+        f"inside the {width}x{height} image",
+    )
   return ymin / height, xmin / width, ymax / height, xmax / width
 
 
@@ -137,22 +159,32 @@ class VisualGenomeSource:
     strict: raise on a bad region or a missing image file instead of skipping it.
   """
 
-  def __init__(self, root: str | Path, image_dirs: Sequence[str | Path] | None = None,
-               max_regions_per_image: int | None = None, limit: int | None = None, strict: bool = False):
+  def __init__(
+      self,
+      root: str | Path,
+      image_dirs: Sequence[str | Path] | None = None,
+      max_regions_per_image: int | None = None,
+      limit: int | None = None,
+      strict: bool = False,
+  ):
     root = Path(root)
     for name, value in (("max_regions_per_image", max_regions_per_image), ("limit", limit)):
       if value is not None and value < 1:
         raise ValueError(f"{name} must be at least 1 (or None for all), got {value}")
     regions_file = root / "region_descriptions.json"
     if not regions_file.is_file():
-      raise FileNotFoundError(f"no {regions_file}: expected Visual Genome's region_descriptions.json there, "
-                              "with the images in VG_100K/ and VG_100K_2/ (or images/) beside it; nothing is "
-                              "downloaded, so unpack the Visual Genome files there first")
+      raise FileNotFoundError(
+          f"no {regions_file}: expected Visual Genome's region_descriptions.json there, "
+          "with the images in VG_100K/ and VG_100K_2/ (or images/) beside it; nothing is "
+          "downloaded, so unpack the Visual Genome files there first"
+      )
     folders = [root / d for d in (image_dirs or DEFAULT_IMAGE_DIRS)]
     existing = [f for f in folders if f.is_dir()]
     if not existing:
-      raise FileNotFoundError(f"none of the image folders {', '.join(map(str, folders))} exists; put the "
-                              "images there or pass image_dirs")
+      raise FileNotFoundError(
+          f"none of the image folders {', '.join(map(str, folders))} exists; put the "
+          "images there or pass image_dirs"
+      )
     image_data_file = root / "image_data.json"
     sizes = _sizes_from_image_data(image_data_file) if image_data_file.is_file() else {}
 
@@ -160,18 +192,27 @@ class VisualGenomeSource:
     self.strict = strict
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)
     self._paths, region_counts, boxes, phrases = self._parse(
-        _read_json(regions_file), _index_image_files(existing), sizes, max_regions_per_image, limit)
+        _read_json(regions_file), _index_image_files(existing), sizes, max_regions_per_image, limit
+    )
     self._region_starts = _starts(region_counts)
     self._boxes = np.array(boxes, np.float32).reshape(-1, 4)
     self._phrase_starts = _starts([len(p) for p in phrases])
     self._phrase_buffer = b"".join(phrases)
     if any(self.skipped.values()):
-      logging.warning("Visual Genome under %s: skipped %s", root,
-                      ", ".join(f"{count} {reason}" for reason, count in self.skipped.items() if count))
+      logging.warning(
+          "Visual Genome under %s: skipped %s",
+          root,
+          ", ".join(f"{count} {reason}" for reason, count in self.skipped.items() if count),
+      )
 
-  def _parse(self, entries: list[dict], paths: dict[int, str], sizes: dict[int, tuple[int, int]],
-             max_regions: int | None,
-             limit: int | None) -> tuple[list[str], list[int], array.array, list[bytes]]:
+  def _parse(
+      self,
+      entries: list[dict],
+      paths: dict[int, str],
+      sizes: dict[int, tuple[int, int]],
+      max_regions: int | None,
+      limit: int | None,
+  ) -> tuple[list[str], list[int], array.array, list[bytes]]:
     """region_descriptions.json's `entries` -> the kept images' paths and region counts, and their regions'
     boxes (flat float32) and UTF-8 phrases; counts what it skips."""
     image_paths, region_counts, phrases = [], [], []
@@ -183,8 +224,10 @@ class VisualGenomeSource:
       path = paths.get(image_id)
       if path is None:
         if self.strict:
-          raise FileNotFoundError(f"Visual Genome image {image_id}: no {image_id}.jpg in the image folders "
-                                  f"under {self.root}")
+          raise FileNotFoundError(
+              f"Visual Genome image {image_id}: no {image_id}.jpg in the image folders "
+              f"under {self.root}"
+          )
         self.skipped["missing_file"] += 1
         continue
       size = sizes.get(image_id) or self._size_from_header(image_id, path)
@@ -209,14 +252,22 @@ class VisualGenomeSource:
         return image.size
     except Exception as e:  # pylint: disable=broad-except  # Pillow reports broken files in many types
       if self.strict:
-        raise ValueError(f"Visual Genome image {image_id}: cannot read the size of {path} "
-                         f"({type(e).__name__}: {e})") from e
-      logging.warning("cannot read the size of %s (%s: %s); image %d is skipped", path, type(e).__name__, e,
-                      image_id)
+        raise ValueError(
+            f"Visual Genome image {image_id}: cannot read the size of {path} "
+            f"({type(e).__name__}: {e})"
+        ) from e
+      logging.warning(
+          "cannot read the size of %s (%s: %s); image %d is skipped",
+          path,
+          type(e).__name__,
+          e,
+          image_id,
+      )
       return None
 
-  def _usable_regions(self, image_id: int, regions: list[dict],
-                      size: tuple[int, int]) -> list[tuple[tuple[float, ...], str]]:
+  def _usable_regions(
+      self, image_id: int, regions: list[dict], size: tuple[int, int]
+  ) -> list[tuple[tuple[float, ...], str]]:
     """[(normalized box, phrase)] of the good regions; bad ones are counted, or raise when strict."""
     usable = []
     for region in regions:
@@ -226,12 +277,16 @@ class VisualGenomeSource:
         usable.append((_normalized_box(region, *size), phrase))
       except _BadRegion as e:
         if self.strict:
-          raise ValueError(f"Visual Genome image {image_id}, region {region_id}: {e} (strict=True; "
-                           "strict=False skips such regions)") from e
+          raise ValueError(
+              f"Visual Genome image {image_id}, region {region_id}: {e} (strict=True; "
+              "strict=False skips such regions)"
+          ) from e
         self.skipped[e.reason] += 1
       except KeyError as e:  # a file in another format, not a bad region: always an error
-        raise ValueError(f"region_descriptions.json: image {image_id}, region {region_id} has no field {e}; "
-                         "expected phrase, x, y, width and height") from None
+        raise ValueError(
+            f"region_descriptions.json: image {image_id}, region {region_id} has no field {e}; "
+            "expected phrase, x, y, width and height"
+        ) from None
     return usable
 
   def __len__(self) -> int:
@@ -242,11 +297,18 @@ class VisualGenomeSource:
     path = self._paths[index]
     image_bytes = read_image_bytes(path)
     start, end = self._region_starts[index], self._region_starts[index + 1]
-    phrase_starts = self._phrase_starts[start:end + 1]
-    descriptions = [self._phrase_buffer[a:b].decode("utf-8")
-                    for a, b in zip(phrase_starts[:-1], phrase_starts[1:])]
-    return {"image_bytes": image_bytes, "path": path, "label": 0, "descriptions": descriptions,
-            "boxes": self._boxes[start:end].copy()}
+    phrase_starts = self._phrase_starts[start : end + 1]
+    descriptions = [
+        self._phrase_buffer[a:b].decode("utf-8")
+        for a, b in zip(phrase_starts[:-1], phrase_starts[1:])
+    ]
+    return {
+        "image_bytes": image_bytes,
+        "path": path,
+        "label": 0,
+        "descriptions": descriptions,
+        "boxes": self._boxes[start:end].copy(),
+    }
 
   def __repr__(self) -> str:
     return f"VisualGenomeSource(root={str(self.root)!r}, images={len(self)}, regions={len(self._boxes)})"

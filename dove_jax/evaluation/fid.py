@@ -13,6 +13,7 @@ are loaded: the network is only ever evaluated, so separate running statistics w
 updates, one more op per layer, and a second path around `fill_params`, which fills nnx.Param only. Every
 checkpoint tensor is still taken by name, and a missing or misshapen one is reported per parameter.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,10 @@ from dove_jax.tensor_io import ConversionError, Source, conv_kernel, fill_params
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 _BN_EPS = 1e-3
-_IGNORABLE = {"fc.*": "the 1008-way ImageNet classifier; FID uses the pool3 features that feed it",
-              "*.num_batches_tracked": "BatchNorm's training step counter; inference uses the running stats"}
+_IGNORABLE = {
+    "fc.*": "the 1008-way ImageNet classifier; FID uses the pool3 features that feed it",
+    "*.num_batches_tracked": "BatchNorm's training step counter; inference uses the running stats",
+}
 
 Values = dict[str, np.ndarray | None]
 
@@ -41,14 +44,29 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 class BasicConv2d(nnx.Module):
   """torchvision's BasicConv2d (conv without bias, BatchNorm, ReLU), its BatchNorm folded into the conv."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
-               stride: int = 1, padding: int | tuple[int, int] = 0, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      kernel_size: int | tuple[int, int],
+      *,
+      stride: int = 1,
+      padding: int | tuple[int, int] = 0,
+      rngs: nnx.Rngs,
+  ):
     pad_h, pad_w = _pair(padding)
     # Full float32 convs: TF32 or bf16 passes would move the features, and FID with them. Zero kernels: the
     # weights always come from the checkpoint, and random initialisers would compile once per kernel shape.
-    self.conv = nnx.Conv(in_channels, out_channels, _pair(kernel_size), stride,
-                         padding=((pad_h, pad_h), (pad_w, pad_w)), precision=jax.lax.Precision.HIGHEST,
-                         kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.conv = nnx.Conv(
+        in_channels,
+        out_channels,
+        _pair(kernel_size),
+        stride,
+        padding=((pad_h, pad_h), (pad_w, pad_w)),
+        precision=jax.lax.Precision.HIGHEST,
+        kernel_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return nnx.relu(self.conv(x))
@@ -77,7 +95,9 @@ class InceptionA(nnx.Module):
     self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1, rngs=rngs)
     self.branch_pool = BasicConv2d(in_channels, pool_features, 1, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, 35, 35, Cin] -> [B, 35, 35, 224 + pool_features]
+  def __call__(
+      self, x: jax.Array
+  ) -> jax.Array:  # [B, 35, 35, Cin] -> [B, 35, 35, 224 + pool_features]
     branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
     branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
     branch_pool = self.branch_pool(_avg_pool_3x3(x))
@@ -117,8 +137,13 @@ class InceptionC(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, 17, 17, Cin] -> [B, 17, 17, 768]
     branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     branch7x7dbl = x
-    for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+        self.branch7x7dbl_1,
+        self.branch7x7dbl_2,
+        self.branch7x7dbl_3,
+        self.branch7x7dbl_4,
+        self.branch7x7dbl_5,
+    ):
       branch7x7dbl = layer(branch7x7dbl)
     branch_pool = self.branch_pool(_avg_pool_3x3(x))
     return jnp.concatenate([self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool], axis=-1)
@@ -145,7 +170,8 @@ class InceptionD(nnx.Module):
 
 class InceptionE(nnx.Module):
   """pytorch-fid's FIDInceptionE_1 (`max_pool=False`: avg-pool branch ignoring padding) and FIDInceptionE_2
-  (`max_pool=True`: the TF graph's max-pool branch) at 8x8: 1x1, split 3x3, double split 3x3 and pool."""
+  (`max_pool=True`: the TF graph's max-pool branch) at 8x8: 1x1, split 3x3, double split 3x3 and pool.
+  """
 
   def __init__(self, in_channels: int, *, max_pool: bool, rngs: nnx.Rngs):
     self.max_pool = max_pool
@@ -161,12 +187,17 @@ class InceptionE(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, 8, 8, Cin] -> [B, 8, 8, 2048]
     branch3x3 = self.branch3x3_1(x)
-    branch3x3 = jnp.concatenate([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], axis=-1)
+    branch3x3 = jnp.concatenate(
+        [self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], axis=-1
+    )
     branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-    branch3x3dbl = jnp.concatenate([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)],
-                                   axis=-1)
+    branch3x3dbl = jnp.concatenate(
+        [self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], axis=-1
+    )
     pooled = _max_pool_3x3(x, 1) if self.max_pool else _avg_pool_3x3(x)
-    return jnp.concatenate([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)], axis=-1)
+    return jnp.concatenate(
+        [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)], axis=-1
+    )
 
 
 class InceptionV3(nnx.Module):
@@ -200,13 +231,28 @@ class InceptionV3(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, 2048]
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"Inception takes [B, H, W, 3] images in [-1, 1]; got shape {images.shape}.")
-    x = jax.image.resize(images.astype(jnp.float32), (len(images), INPUT_SIZE, INPUT_SIZE, 3), "bilinear",
-                         antialias=False)  # [B, 299, 299, 3]
+    x = jax.image.resize(
+        images.astype(jnp.float32),
+        (len(images), INPUT_SIZE, INPUT_SIZE, 3),
+        "bilinear",
+        antialias=False,
+    )  # [B, 299, 299, 3]
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [B, 147, 147, 64]
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(_max_pool_3x3(x, 2)))  # [B, 71, 71, 192]
     x = _max_pool_3x3(x, 2)  # [B, 35, 35, 192]
-    for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                  self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+    for block in (
+        self.Mixed_5b,
+        self.Mixed_5c,
+        self.Mixed_5d,
+        self.Mixed_6a,
+        self.Mixed_6b,
+        self.Mixed_6c,
+        self.Mixed_6d,
+        self.Mixed_6e,
+        self.Mixed_7a,
+        self.Mixed_7b,
+        self.Mixed_7c,
+    ):
       x = block(x)  # ... -> [B, 8, 8, 2048]
     return x.mean(axis=(1, 2))
 
@@ -225,14 +271,18 @@ def _folded_conv(source: Source, ours: str, theirs: str) -> Values:
   """A BasicConv2d's conv weight and BatchNorm -> our conv's kernel and bias, in float64 before the cast:
   BN(W * x) = (W s) * x + (beta - mean s), with s = gamma / sqrt(var + eps)."""
   weight = source.take(f"{theirs}.conv.weight")  # [O, I, kh, kw]
-  gamma, beta, mean, var = (source.take(f"{theirs}.bn.{name}")
-                            for name in ("weight", "bias", "running_mean", "running_var"))  # [O] each
+  gamma, beta, mean, var = (
+      source.take(f"{theirs}.bn.{name}")
+      for name in ("weight", "bias", "running_mean", "running_var")
+  )  # [O] each
   names = (join(ours, "conv", "kernel"), join(ours, "conv", "bias"))
   if any(t is None for t in (weight, gamma, beta, mean, var)):
     return dict.fromkeys(names)  # fill_params reports the missing keys
   if any(t.shape != weight.shape[:1] for t in (gamma, beta, mean, var)):
-    raise ConversionError(f"{source.origin}: {theirs}.bn tensors of shapes {gamma.shape}, {beta.shape}, "
-                          f"{mean.shape}, {var.shape} do not fit {theirs}.conv.weight {weight.shape}")
+    raise ConversionError(
+        f"{source.origin}: {theirs}.bn tensors of shapes {gamma.shape}, {beta.shape}, "
+        f"{mean.shape}, {var.shape} do not fit {theirs}.conv.weight {weight.shape}"
+    )
   scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + _BN_EPS)
   kernel = conv_kernel(weight.astype(np.float64) * scale[:, None, None, None])
   return dict(zip(names, (kernel, beta - mean * scale)))
@@ -255,8 +305,10 @@ def load_inception(path: str | Path) -> InceptionV3:
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"no FID Inception weights at {path}: give the local path of pytorch-fid's "
-                            "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).")
+    raise FileNotFoundError(
+        f"no FID Inception weights at {path}: give the local path of pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)."
+    )
   model = InceptionV3()
   source = Source(read_tensors(path), str(path))
   fill_params(model, inception_values(source, model), source, _IGNORABLE)

@@ -1,6 +1,7 @@
 """The compiled functions of evaluation, shared by the in-training evaluator and eval.py: encode, decode and
 reconstruct-with-figures over the split model state, plus the small pieces they need (a batch's query
 arguments, MSE inside and outside the query's boxes, the mean token)."""
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -22,18 +23,25 @@ def query_inputs(batch: dict, with_query: bool = True) -> dict:
   if "query_ids" not in batch:
     return {}
   mask = jnp.asarray(batch["query_mask"])
-  return {"query": jnp.asarray(batch["query_ids"]), "query_mask": mask if with_query else jnp.zeros_like(mask)}
+  return {
+      "query": jnp.asarray(batch["query_ids"]),
+      "query_mask": mask if with_query else jnp.zeros_like(mask),
+  }
 
 
 def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> dict[str, jax.Array]:
   """[B] MSE inside the query's boxes (the whole image for an empty query), [B] MSE outside them, and [B]
   whether the image has any pixel outside them (the outside MSE of one that has none is a 0 that means
   nothing)."""
-  boxes, box_mask = relevant_boxes(*(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask")))
+  boxes, box_mask = relevant_boxes(
+      *(jnp.asarray(batch[key]) for key in ("boxes", "box_mask", "query_mask"))
+  )
   inside = union_mask(boxes, box_mask, *images.shape[1:3])  # [B, H, W]
-  return {"mse_in_boxes": losses.outside_mse(recon, images, ~inside),
-          "mse_outside_boxes": losses.outside_mse(recon, images, inside),
-          "has_outside_pixels": ~jnp.all(inside, axis=(1, 2))}
+  return {
+      "mse_in_boxes": losses.outside_mse(recon, images, ~inside),
+      "mse_outside_boxes": losses.outside_mse(recon, images, inside),
+      "has_outside_pixels": ~jnp.all(inside, axis=(1, 2)),
+  }
 
 
 def measured_outside_mse(figures: dict) -> np.ndarray:
@@ -68,8 +76,11 @@ def figures(recon: jax.Array, images: jax.Array, lpips, uint8: bool = True) -> d
   recon = jnp.clip(recon, -1, 1)  # [B, H, W, 3]
   if uint8:
     recon = to_8_bits(recon)
-  out = {"reconstruction": recon, "mse": losses.mse_per_image(recon, images),
-         "ssim": metrics.ssim((recon + 1) / 2, (images + 1) / 2)}
+  out = {
+      "reconstruction": recon,
+      "mse": losses.mse_per_image(recon, images),
+      "ssim": metrics.ssim((recon + 1) / 2, (images + 1) / 2),
+  }
   if lpips is not None:
     out["lpips"] = lpips(recon, images)
   return out
@@ -91,7 +102,8 @@ def make_functions(model_def: nnx.GraphDef, uint8: bool = True) -> Functions:
   @xla.jit
   def reconstruct(params, lpips, batch, budget, query):
     """-> per-image figures [B] (and the reconstructions and mean tokens) of `batch`'s images at `budget`;
-    for Q-DOVE batches also the MSE inside and outside the query's boxes; LPIPS unless `lpips` is None."""
+    for Q-DOVE batches also the MSE inside and outside the query's boxes; LPIPS unless `lpips` is None.
+    """
     model = nnx.merge(model_def, params)
     images = batch["image"]
     tokens = model.encode(images, budget, **query)

@@ -4,6 +4,7 @@
 Images are NHWC in [-1, 1], so the data range of PSNR and SSIM defaults to 2. PSNR, SSIM and the complexity
 are per image ([B]) and jit; the FID pieces are NumPy / SciPy in float64, as pytorch-fid computes them.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,7 +31,7 @@ def psnr_from_mse(mse: jax.Array | np.ndarray | float, data_range: float = 2.0) 
 
   A data set's PSNR is conventionally the mean of the per-image values, not this of the mean MSE.
   """
-  return 10.0 * jnp.log10(data_range ** 2 / jnp.asarray(mse, jnp.float32))
+  return 10.0 * jnp.log10(data_range**2 / jnp.asarray(mse, jnp.float32))
 
 
 def psnr(x: jax.Array, y: jax.Array, data_range: float = 2.0) -> jax.Array:
@@ -49,8 +50,8 @@ def _blur_valid(x: jax.Array) -> jax.Array:
   """Separable Gaussian blur where the window fits: [B, H, W, C] -> [B, H - 10, W - 10, C]."""
   taps = _gaussian_taps()
   height, width = x.shape[1] - len(taps) + 1, x.shape[2] - len(taps) + 1
-  x = sum(t * x[:, i:i + height] for i, t in enumerate(taps))
-  return sum(t * x[:, :, i:i + width] for i, t in enumerate(taps))
+  x = sum(t * x[:, i : i + height] for i, t in enumerate(taps))
+  return sum(t * x[:, :, i : i + width] for i, t in enumerate(taps))
 
 
 def ssim(x: jax.Array, y: jax.Array, data_range: float = 1.0) -> jax.Array:
@@ -66,15 +67,20 @@ def ssim(x: jax.Array, y: jax.Array, data_range: float = 1.0) -> jax.Array:
   """
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   if x.shape != y.shape or x.ndim != 4 or min(x.shape[1:3]) < 2 * _SSIM_RADIUS + 1:
-    raise ValueError(f"SSIM takes two [B, H, W, C] batches of one shape with H, W >= {2 * _SSIM_RADIUS + 1}; "
-                     f"got {x.shape} and {y.shape}.")
+    raise ValueError(
+        f"SSIM takes two [B, H, W, C] batches of one shape with H, W >= {2 * _SSIM_RADIUS + 1}; "
+        f"got {x.shape} and {y.shape}."
+    )
   c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
   mean_x, mean_y = _blur_valid(x), _blur_valid(y)  # [B, H', W', C]
-  var_x = _blur_valid(x * x) - mean_x ** 2
-  var_y = _blur_valid(y * y) - mean_y ** 2
+  var_x = _blur_valid(x * x) - mean_x**2
+  var_y = _blur_valid(y * y) - mean_y**2
   cov_xy = _blur_valid(x * y) - mean_x * mean_y
-  similarity = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
-                / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2)))
+  similarity = (
+      (2 * mean_x * mean_y + c1)
+      * (2 * cov_xy + c2)
+      / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2))
+  )
   return similarity.mean(axis=(1, 2, 3))
 
 
@@ -87,14 +93,20 @@ def laplacian_variance(images: jax.Array | np.ndarray) -> jax.Array | np.ndarray
   padded image, which moves the value by O(1/H). Takes and returns NumPy or JAX arrays alike.
   """
   grey = ((images + 1.0) * 127.5) @ _LUMA.astype(images.dtype)  # [B, H, W]
-  laplacian = (grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
-               - 4.0 * grey[:, 1:-1, 1:-1])  # [B, H-2, W-2]
+  laplacian = (
+      grey[:, :-2, 1:-1]
+      + grey[:, 2:, 1:-1]
+      + grey[:, 1:-1, :-2]
+      + grey[:, 1:-1, 2:]
+      - 4.0 * grey[:, 1:-1, 1:-1]
+  )  # [B, H-2, W-2]
   return laplacian.var(axis=(1, 2))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
   """Spearman's rank correlation; None where x or y is constant (it is undefined there, not 0)."""
   from scipy import stats
+
   if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
   return float(stats.spearmanr(x, y).statistic)
@@ -139,7 +151,9 @@ class FeatureStatistics:
       self.count, self._mean, self._scatter = count, mean.copy(), scatter.copy()
       return
     if mean.shape != self._mean.shape:
-      raise ValueError(f"feature width {mean.shape[0]} does not match the statistics' {self._mean.shape[0]}.")
+      raise ValueError(
+          f"feature width {mean.shape[0]} does not match the statistics' {self._mean.shape[0]}."
+      )
     total = self.count + count
     delta = mean - self._mean
     self._mean = self._mean + delta * (count / total)
@@ -159,19 +173,26 @@ class FeatureStatistics:
     return self._scatter / (self.count - 1)
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    return {"count": np.asarray(self.count, np.int64), "mean": self._mean.copy(),
-            "scatter": self._scatter.copy()}
+    return {
+        "count": np.asarray(self.count, np.int64),
+        "mean": self._mean.copy(),
+        "scatter": self._scatter.copy(),
+    }
 
   @classmethod
   def from_state_dict(cls, state: Mapping[str, np.ndarray]) -> FeatureStatistics:
     stats = cls()
-    stats._combine(int(state["count"]), np.asarray(state["mean"], np.float64),
-                   np.asarray(state["scatter"], np.float64))
+    stats._combine(
+        int(state["count"]),
+        np.asarray(state["mean"], np.float64),
+        np.asarray(state["scatter"], np.float64),
+    )
     return stats
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
   """Frechet distance of two Gaussians: |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
 
   As pytorch-fid's calculate_frechet_distance, in float64: if the product's square root is not finite (a
@@ -182,8 +203,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-    raise ValueError(f"means {mu1.shape}, {mu2.shape} and covariances {sigma1.shape}, {sigma2.shape} "
-                     "do not match.")
+    raise ValueError(
+        f"means {mu1.shape}, {mu2.shape} and covariances {sigma1.shape}, {sigma2.shape} "
+        "do not match."
+    )
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals.")
@@ -191,7 +214,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max()} in the covariance root.")
+      raise ValueError(
+          f"FID: imaginary component {np.abs(covmean.imag).max()} in the covariance root."
+      )
     covmean = covmean.real
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

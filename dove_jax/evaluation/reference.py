@@ -7,6 +7,7 @@ size, 8-bit convention or Inception weights is stored anew, and a file whose sto
 for is refused, never read. The data files themselves are assumed not to change: after editing a data set in
 place, delete `workdir/reference_statistics`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,12 +29,20 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def reference_key(data: dict, images: int, image_size: int, uint8: bool, inception: str | Path) -> dict:
+def reference_key(
+    data: dict, images: int, image_size: int, uint8: bool, inception: str | Path
+) -> dict:
   """What the real images' statistics depend on: `data`, what was evaluated (data set, part, classes and
   record count, `run.describe_data`); how many of its records (`images`, as padded batches cut them); their
   size (centre crops); the 8-bit convention; the Inception weights file's SHA-256."""
-  return {"data": data, "images": images, "image_size": image_size, "crop": "centre", "uint8": uint8,
-          "inception_sha256": file_sha256(inception)}
+  return {
+      "data": data,
+      "images": images,
+      "image_size": image_size,
+      "crop": "centre",
+      "uint8": uint8,
+      "inception_sha256": file_sha256(inception),
+  }
 
 
 def real_statistics(inception: fid.InceptionV3, data: Iterable[dict]) -> metrics.FeatureStatistics:
@@ -45,8 +54,9 @@ def real_statistics(inception: fid.InceptionV3, data: Iterable[dict]) -> metrics
   return stats
 
 
-def reference_statistics(directory: str | Path, key: dict, inception: fid.InceptionV3,
-                         data: Iterable[dict]) -> tuple[metrics.FeatureStatistics, Path, bool]:
+def reference_statistics(
+    directory: str | Path, key: dict, inception: fid.InceptionV3, data: Iterable[dict]
+) -> tuple[metrics.FeatureStatistics, Path, bool]:
   """(statistics, cache file, whether it was reused): the real images' statistics from the cache file of
   `key` in `directory`, or computed from `data` (batches) and stored there.
 
@@ -57,13 +67,17 @@ def reference_statistics(directory: str | Path, key: dict, inception: fid.Incept
   if path.is_file():
     with np.load(path) as stored:
       if str(stored["key"]) != canonical:
-        raise ValueError(f"{path} holds the reference statistics of {stored['key']}, not of {canonical}; "
-                         "delete it to compute them again")
+        raise ValueError(
+            f"{path} holds the reference statistics of {stored['key']}, not of {canonical}; "
+            "delete it to compute them again"
+        )
       return metrics.FeatureStatistics.from_state_dict(stored), path, True
   stats = real_statistics(inception, data)
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_suffix(".partial")
   with open(partial, "wb") as file:
     np.savez(file, key=np.asarray(canonical), **stats.state_dict())
-  os.replace(partial, path)  # whole or absent: an interrupted evaluation leaves no half-written cache
+  os.replace(
+      partial, path
+  )  # whole or absent: an interrupted evaluation leaves no half-written cache
   return stats, path, False

@@ -5,6 +5,7 @@ length changes nothing but the cost. The cut must be a static shape, so it is ro
 `lax.switch` picks the bucket on the device: one compiled program holds a branch per bucket and runs only the
 chosen one, with no host sync to read the lengths. Use it as `DOVE.decode(tokens, bucket_sizes(n))`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,7 +16,11 @@ from dove_jax.models.token_decoder import TokenDecoder
 
 def bucket_sizes(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
   """Powers of two from `smallest` below `max_tokens`, then `max_tokens`: (16, 32, 64, 128, 256) for 256."""
-  sizes = [size for size in (smallest * 2 ** i for i in range(max_tokens.bit_length())) if size < max_tokens]
+  sizes = [
+      size
+      for size in (smallest * 2**i for i in range(max_tokens.bit_length()))
+      if size < max_tokens
+  ]
   return (*sizes, max_tokens)
 
 
@@ -33,6 +38,7 @@ def decode_latents(token_decoder: TokenDecoder, tokens, sizes: tuple[int, ...]) 
     return lambda: token_decoder(tokens.tokens[:, :size], tokens.mask[:, :size], num_slots=n)
 
   longest = jnp.max(tokens.lengths)
-  index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), longest)  # the first bucket >= the longest length
+  index = jnp.searchsorted(
+      jnp.asarray(sizes, jnp.int32), longest
+  )  # the first bucket >= the longest length
   return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [cut_to(size) for size in sizes])
-

@@ -7,6 +7,7 @@ horizontal strips (each with the rows its taps reach beyond it repeated) turns t
 8 strips: the same sums, faster at the paper's widths (docs/performance.md). With a batch of 8 or more
 (where strips measured no faster), or off the CPU, the gradient is XLA's own.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,9 @@ MIN_ROWS = 8  # the shortest strip (a halo of kernel-1 rows is repeated per stri
 
 
 def _conv(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def num_strips(batch: int, out_height: int) -> int:
@@ -35,7 +38,9 @@ def num_strips(batch: int, out_height: int) -> int:
   return strips
 
 
-def filter_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], padding: Padding) -> jax.Array:
+def filter_gradient(
+    x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], padding: Padding
+) -> jax.Array:
   """d loss / d kernel of `_conv(x, kernel, padding)` given dy = d loss / d output.
   x [B, H, W, Ci], dy [B, H', W', Co] -> [kh, kw, Ci, Co]."""
   b, out_h, out_w, co = dy.shape
@@ -47,10 +52,14 @@ def filter_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], 
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))  # [B, H'+kh-1, W+pads, Ci]
   # Strip s reads padded rows s*rows ... s*rows + rows + kh - 2.
   take = (jnp.arange(strips)[:, None] * rows + jnp.arange(rows + kh - 1)[None]).reshape(-1)
-  xs = xp[:, take].reshape(b * strips, rows + kh - 1, xp.shape[2], x.shape[3])  # [B*S, rows+kh-1, W', Ci]
+  xs = xp[:, take].reshape(
+      b * strips, rows + kh - 1, xp.shape[2], x.shape[3]
+  )  # [B*S, rows+kh-1, W', Ci]
   dys = dy.reshape(b * strips, rows, out_w, co)  # [B*S, rows, W', Co]
   # The sum over strips and positions as one convolution: batch = Ci, depth = B*S, "kernel" = the strip.
-  return jax.lax.conv_general_dilated(xs, dys, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "HWNC"))
+  return jax.lax.conv_general_dilated(
+      xs, dys, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "HWNC")
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,4 +1,5 @@
 """The patch discriminator of the GAN term in L_rec: taming-transformers' (VQGAN's) `NLayerDiscriminator`."""
+
 from __future__ import annotations
 
 import math
@@ -12,10 +13,20 @@ from dove_jax.models.norms import GroupNorm
 _CONV_INIT = nnx.initializers.normal(0.02)
 
 
-def conv4x4(in_channels: int, out_channels: int, *, stride: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
+def conv4x4(
+    in_channels: int, out_channels: int, *, stride: int, use_bias: bool, rngs: nnx.Rngs
+) -> nnx.Conv:
   """A 4x4 conv with torch's padding=1 on every side."""
-  return nnx.Conv(in_channels, out_channels, (4, 4), strides=stride, padding=((1, 1), (1, 1)),
-                  use_bias=use_bias, kernel_init=_CONV_INIT, rngs=rngs)
+  return nnx.Conv(
+      in_channels,
+      out_channels,
+      (4, 4),
+      strides=stride,
+      padding=((1, 1), (1, 1)),
+      use_bias=use_bias,
+      kernel_init=_CONV_INIT,
+      rngs=rngs,
+  )
 
 
 class PatchDiscriminator(nnx.Module):
@@ -32,14 +43,21 @@ class PatchDiscriminator(nnx.Module):
   bias: the norm's shift takes its place.
   """
 
-  def __init__(self, *, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, rngs: nnx.Rngs):
-    widths = [base_channels * min(2 ** i, 8) for i in range(num_layers + 1)]  # 64, 128, 256, 512
+  def __init__(
+      self, *, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, rngs: nnx.Rngs
+  ):
+    widths = [base_channels * min(2**i, 8) for i in range(num_layers + 1)]  # 64, 128, 256, 512
     self.conv_in = conv4x4(in_channels, widths[0], stride=2, use_bias=True, rngs=rngs)
     strides = [2] * (num_layers - 1) + [1]
-    self.convs = nnx.List([conv4x4(cin, cout, stride=s, use_bias=False, rngs=rngs)
-                           for cin, cout, s in zip(widths[:-1], widths[1:], strides)])
-    self.norms = nnx.List([GroupNorm(cout, num_groups=math.gcd(32, cout), rngs=rngs)
-                           for cout in widths[1:]])
+    self.convs = nnx.List(
+        [
+            conv4x4(cin, cout, stride=s, use_bias=False, rngs=rngs)
+            for cin, cout, s in zip(widths[:-1], widths[1:], strides)
+        ]
+    )
+    self.norms = nnx.List(
+        [GroupNorm(cout, num_groups=math.gcd(32, cout), rngs=rngs) for cout in widths[1:]]
+    )
     self.conv_out = conv4x4(widths[-1], 1, stride=1, use_bias=True, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, h, w, 1]

@@ -8,6 +8,7 @@ Q-DOVE is the same module with a query vocabulary (`query_vocab_size` > 0): a te
 padded to a fixed length with a mask, is embedded and read by the generator between H_v and the output slots,
 so the tokens can spend themselves on the region the query asks about. An all-padding query is no query.
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,6 +25,7 @@ from dove_jax.models.vqgan import AMUSED_VQGAN, VQGAN
 @struct.dataclass
 class Tokens:
   """A batch of variable-length token sequences, padded to `max_tokens` slots."""
+
   tokens: jax.Array  # [B, n, D], exactly zero after each image's length
   mask: jax.Array  # [B, n] bool, True for the kept slots 1..length
   lengths: jax.Array  # [B] int32
@@ -33,6 +35,7 @@ class Tokens:
 @struct.dataclass
 class DOVEOutput:
   """A forward pass with everything the losses need."""
+
   reconstruction: jax.Array  # [B, H, W, 3]
   tokens: Tokens
   features: jax.Array  # [B, h, w, C] H_v, what the generator read
@@ -44,8 +47,10 @@ def _transformer_kwargs(spec: str | dict) -> dict:
   """A preset name ('pythia-70m') or explicit NeoXTransformer arguments."""
   if isinstance(spec, str):
     if spec not in neox.PRESETS:
-      raise ValueError(f"unknown transformer preset {spec!r}; choose from {sorted(neox.PRESETS)} "
-                       "or give num_layers/d_model/num_heads/mlp_dim")
+      raise ValueError(
+          f"unknown transformer preset {spec!r}; choose from {sorted(neox.PRESETS)} "
+          "or give num_layers/d_model/num_heads/mlp_dim"
+      )
     return dict(neox.PRESETS[spec])
   return dict(spec)
 
@@ -71,15 +76,30 @@ class DOVE(nnx.Module):
       tokenizer, Pythia's 50304 for its GPT-NeoX tokenizer, whose embedding then starts the query's).
   """
 
-  def __init__(self, *, image_size: int = 256, vqgan: dict | None = None,
-               generator: str | dict = "pythia-70m", decoder: str | dict = "pythia-70m",
-               max_tokens: int = 256, eos_threshold: float = 0.5, quantize_features: bool = False,
-               requantize_output: bool = False, eos_bias_init: float = -4.0, token_dim: int = 0, dtype=None,
-               remat: str = "none", query_vocab_size: int = 0, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      image_size: int = 256,
+      vqgan: dict | None = None,
+      generator: str | dict = "pythia-70m",
+      decoder: str | dict = "pythia-70m",
+      max_tokens: int = 256,
+      eos_threshold: float = 0.5,
+      quantize_features: bool = False,
+      requantize_output: bool = False,
+      eos_bias_init: float = -4.0,
+      token_dim: int = 0,
+      dtype=None,
+      remat: str = "none",
+      query_vocab_size: int = 0,
+      rngs: nnx.Rngs,
+  ):
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
-      raise ValueError(f"image_size {image_size} is not a multiple of the VQGAN's downsampling {downsample}")
+      raise ValueError(
+          f"image_size {image_size} is not a multiple of the VQGAN's downsampling {downsample}"
+      )
     dtype = jnp.dtype(dtype) if dtype else None
     self.image_size = image_size
     self.max_tokens = max_tokens
@@ -90,23 +110,47 @@ class DOVE(nnx.Module):
     generator = dict(_transformer_kwargs(generator), remat=remat)
     self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
     grid_size = image_size // downsample
-    self.generator = TokenGenerator(feature_dim=latent_dim, grid_size=grid_size, max_tokens=max_tokens,
-                                    transformer=generator, eos_bias_init=eos_bias_init, token_dim=token_dim,
-                                    dtype=dtype, rngs=rngs)
-    self.token_decoder = TokenDecoder(token_dim=token_dim or generator["d_model"], latent_dim=latent_dim,
-                                      grid_size=grid_size,
-                                      transformer=dict(_transformer_kwargs(decoder), remat=remat), dtype=dtype,
-                                      rngs=rngs)
+    self.generator = TokenGenerator(
+        feature_dim=latent_dim,
+        grid_size=grid_size,
+        max_tokens=max_tokens,
+        transformer=generator,
+        eos_bias_init=eos_bias_init,
+        token_dim=token_dim,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.token_decoder = TokenDecoder(
+        token_dim=token_dim or generator["d_model"],
+        latent_dim=latent_dim,
+        grid_size=grid_size,
+        transformer=dict(_transformer_kwargs(decoder), remat=remat),
+        dtype=dtype,
+        rngs=rngs,
+    )
     # H_q: query tokens in the generator's input space (Pythia's own input embedding when converted).
-    self.query_embed = (nnx.Embed(query_vocab_size, generator["d_model"],
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-                        if query_vocab_size else None)
+    self.query_embed = (
+        nnx.Embed(
+            query_vocab_size,
+            generator["d_model"],
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        if query_vocab_size
+        else None
+    )
 
   # -- the public API -----------------------------------------------------------------------------------
 
-  def encode(self, images: jax.Array, token_budget: jax.Array | int | None = None,
-             query: jax.Array | None = None, query_mask: jax.Array | None = None, *,
-             chunk_size: int = 0) -> Tokens:
+  def encode(
+      self,
+      images: jax.Array,
+      token_budget: jax.Array | int | None = None,
+      query: jax.Array | None = None,
+      query_mask: jax.Array | None = None,
+      *,
+      chunk_size: int = 0,
+  ) -> Tokens:
     """images [B, H, W, 3] in [-1, 1] -> Tokens. `token_budget` (int or [B]; <= 0 = predicted) forces lengths.
 
     Q-DOVE only: `query` [B, Q] int token ids and `query_mask` [B, Q] bool (False = padding; default: all
@@ -126,8 +170,13 @@ class DOVE(nnx.Module):
     """
     return self._decode(tokens, bucket_sizes)[0]
 
-  def __call__(self, images: jax.Array, token_budget: jax.Array | int | None = None,
-               query: jax.Array | None = None, query_mask: jax.Array | None = None) -> DOVEOutput:
+  def __call__(
+      self,
+      images: jax.Array,
+      token_budget: jax.Array | int | None = None,
+      query: jax.Array | None = None,
+      query_mask: jax.Array | None = None,
+  ) -> DOVEOutput:
     tokens, features, vq = self._encode(images, token_budget, query, query_mask)
     reconstruction, latents = self._decode(tokens)
     return DOVEOutput(reconstruction, tokens, features, latents, vq)
@@ -145,19 +194,32 @@ class DOVE(nnx.Module):
       features = vq.quantized
     b, h, w, c = features.shape
     grid = features.reshape(b, h * w, c)  # [B, P, C]
-    tokens, eos_prob = (self.generator.generate(grid, query, query_mask, token_budget=token_budget,
-                                                threshold=self.eos_threshold, chunk_size=chunk_size)
-                        if chunk_size else self.generator(grid, query, query_mask))  # [B, n, D], [B, n]
+    tokens, eos_prob = (
+        self.generator.generate(
+            grid,
+            query,
+            query_mask,
+            token_budget=token_budget,
+            threshold=self.eos_threshold,
+            chunk_size=chunk_size,
+        )
+        if chunk_size
+        else self.generator(grid, query, query_mask)
+    )  # [B, n, D], [B, n]
     mask, lengths = eos.eos_mask(eos_prob, token_budget, self.eos_threshold)
     return Tokens(eos.apply_mask(tokens, mask), mask, lengths, eos_prob), features, vq
 
   def _embed_query(self, query, query_mask, batch: int):
     """ids [B, Q] (+ mask) -> H_q [B, Q, D] and the mask [B, Q], after checking what can be checked."""
     if self.query_embed is None:
-      raise ValueError("this DOVE reads no query (model.query_vocab_size = 0); build a Q-DOVE "
-                       "(configs/qdove.py) or leave the query out")
+      raise ValueError(
+          "this DOVE reads no query (model.query_vocab_size = 0); build a Q-DOVE "
+          "(configs/qdove.py) or leave the query out"
+      )
     if query.ndim != 2 or query.shape[0] != batch or not jnp.issubdtype(query.dtype, jnp.integer):
-      raise ValueError(f"query must be int token ids of shape [{batch}, Q]; got {query.dtype} {query.shape}")
+      raise ValueError(
+          f"query must be int token ids of shape [{batch}, Q]; got {query.dtype} {query.shape}"
+      )
     query_mask = jnp.ones(query.shape, bool) if query_mask is None else query_mask
     if query_mask.shape != query.shape:
       raise ValueError(f"query_mask shape {query_mask.shape} != query shape {query.shape}")
@@ -166,13 +228,18 @@ class DOVE(nnx.Module):
       with jax.ensure_compile_time_eval():
         lo, hi = int(jnp.min(query, initial=0)), int(jnp.max(query, initial=0))
       if lo < 0 or hi >= vocab:
-        raise ValueError(f"query token ids must lie in [0, {vocab}) (model.query_vocab_size = {vocab}); got "
-                         f"ids in [{lo}, {hi}]: the tokenizer and the model disagree")
+        raise ValueError(
+            f"query token ids must lie in [0, {vocab}) (model.query_vocab_size = {vocab}); got "
+            f"ids in [{lo}, {hi}]: the tokenizer and the model disagree"
+        )
     return self.query_embed(query), query_mask
 
   def _decode(self, tokens: Tokens, bucket_sizes=None):
-    latents = (buckets.decode_latents(self.token_decoder, tokens, tuple(bucket_sizes)) if bucket_sizes
-               else self.token_decoder(tokens.tokens, tokens.mask))  # [B, h, w, C]
+    latents = (
+        buckets.decode_latents(self.token_decoder, tokens, tuple(bucket_sizes))
+        if bucket_sizes
+        else self.token_decoder(tokens.tokens, tokens.mask)
+    )  # [B, h, w, C]
     return self.vqgan.decode(latents, quantize=self.requantize_output), latents
 
 
@@ -181,17 +248,27 @@ def check_images(images, image_size: int) -> None:
   arrays (outside `jax.jit`), where reading it costs nothing extra."""
   shape = getattr(images, "shape", None)
   if shape is None or len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f"images must be NHWC with 3 channels, shape [B, {image_size}, {image_size}, 3]; "
-                     f"got shape {shape}")
+    raise ValueError(
+        f"images must be NHWC with 3 channels, shape [B, {image_size}, {image_size}, 3]; "
+        f"got shape {shape}"
+    )
   if tuple(shape[1:3]) != (image_size, image_size):
-    raise ValueError(f"images must be {image_size}x{image_size} (the model's image_size); "
-                     f"got {shape[1]}x{shape[2]}")
+    raise ValueError(
+        f"images must be {image_size}x{image_size} (the model's image_size); "
+        f"got {shape[1]}x{shape[2]}"
+    )
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f"images must be floats in [-1, 1]; got dtype {images.dtype} "
-                     "(for uint8 use images / 127.5 - 1)")
+    raise ValueError(
+        f"images must be floats in [-1, 1]; got dtype {images.dtype} "
+        "(for uint8 use images / 127.5 - 1)"
+    )
   if not isinstance(images, jax.core.Tracer):
-    with jax.ensure_compile_time_eval():  # a concrete array closed over by a jitted function stays concrete
+    with (
+        jax.ensure_compile_time_eval()
+    ):  # a concrete array closed over by a jitted function stays concrete
       lo, hi = float(jnp.min(images)), float(jnp.max(images))
     if lo < -1.001 or hi > 1.001:
-      raise ValueError(f"images must be in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
-                       "(for [0, 1] inputs use 2 * images - 1)")
+      raise ValueError(
+          f"images must be in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
+          "(for [0, 1] inputs use 2 * images - 1)"
+      )

@@ -1,4 +1,5 @@
 """Sinusoidal position encodings: the output slots' t_1..t_n, and the 2-D latent grid's positions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,8 @@ def timestep_encoding(num_slots: int, dim: int) -> np.ndarray:
 def grid_encoding(grid_size: int, dim: int) -> np.ndarray:
   """Row-major positions of a grid_size x grid_size grid: [grid_size^2, dim], half the channels encode the
   row and half the column (as MAE's 2-D sin-cos embedding). GPT-NeoX has only rotary positions along the
-  sequence, which barely tell two far-apart grid cells apart; this tells every cell its place in 2-D."""
+  sequence, which barely tell two far-apart grid cells apart; this tells every cell its place in 2-D.
+  """
   rows, cols = np.divmod(np.arange(grid_size * grid_size), grid_size)
   half = dim // 2
   return np.concatenate([sinusoid(rows, half), sinusoid(cols, dim - half)], axis=1)

@@ -3,14 +3,16 @@
 Everything is a cumulative op over the slot axis with static shapes, so one compiled function serves every
 mix of lengths in a batch: variable length is a mask, never a Python branch.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def eos_mask(eos_prob: jax.Array, token_budget: jax.Array | int | None = None,
-             threshold: float = 0.5) -> tuple[jax.Array, jax.Array]:
+def eos_mask(
+    eos_prob: jax.Array, token_budget: jax.Array | int | None = None, threshold: float = 0.5
+) -> tuple[jax.Array, jax.Array]:
   """Which slots an image keeps, and how many.
 
   Args:

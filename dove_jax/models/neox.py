@@ -9,6 +9,7 @@ convention), parallel residual x + attn(ln1(x)) + mlp(ln2(x)), exact (erf) GELU,
 The fused qkv projection keeps Pythia's `query_key_value` output layout, [heads, (q, k, v), head_dim], so a
 checkpoint converts with a plain transpose.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -25,7 +26,9 @@ PYTHIA_70M = dict(num_layers=6, d_model=512, num_heads=8, mlp_dim=2048)
 PRESETS = {"pythia-14m": PYTHIA_14M, "pythia-70m": PYTHIA_70M}
 
 
-def rotary_cos_sin(positions: jax.Array, rotary_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+def rotary_cos_sin(
+    positions: jax.Array, rotary_dim: int, base: float
+) -> tuple[jax.Array, jax.Array]:
   """cos and sin of the rotary phases, [B, L, rotary_dim] each, float32.
 
   Frequencies are repeated as [f, f] (not interleaved) to pair with `rotate_half`, as transformers does.
@@ -56,8 +59,9 @@ CAUSAL_BLOCKS = 4  # query blocks of a causal self-attention (see dot_product_at
 MIN_CAUSAL_BLOCK = 32  # shorter blocks cost more in per-op overhead than they save
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                          is_causal: bool = False) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, is_causal: bool = False
+) -> jax.Array:
   """softmax(q k^T / sqrt(H)) v, as `jax.nn.dot_product_attention` (q [B, T, N, H], k and v [B, L, N, H],
   mask broadcasting to [B, N, T, L], True = attend) but about twice as fast on XLA's CPU backend: heads go
   first so both products are plain batched matmuls, and the softmax is normalised after the product with v,
@@ -91,14 +95,18 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
   """dot_product_attention, a given mask only (q [B, T, N, H], k and v [B, L, N, H]) -> [B, T, N, H]."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))  # [B, N, T or L, H]
-  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)  # [B, N, T, L]
+  logits = jnp.matmul(
+      q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32
+  )  # [B, N, T, L]
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   # The max only keeps exp in range and cancels in the normalisation: no gradient through it, which spares
   # the backward pass the compare-and-select ops of max's gradient over all of [B, N, T, L].
   shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   weights = jnp.exp(logits - shift)  # [B, N, T, L], unnormalised
-  out = jnp.matmul(weights.astype(v.dtype), v) / jnp.sum(weights, axis=-1, keepdims=True).astype(v.dtype)
+  out = jnp.matmul(weights.astype(v.dtype), v) / jnp.sum(weights, axis=-1, keepdims=True).astype(
+      v.dtype
+  )
   return jnp.swapaxes(out, 1, 2)  # [B, T, N, H]
 
 
@@ -110,6 +118,7 @@ def causal_mask(num_queries: int, num_keys: int, offset) -> jax.Array:
 class KVCache(NamedTuple):
   """One causal block's keys and values for a whole sequence, [B, L_total, N, H] each; static shape, filled
   chunk by chunk, so one compiled loop serves every length."""
+
   keys: jax.Array
   values: jax.Array
 
@@ -124,9 +133,19 @@ class NeoXBlock(nnx.Module):
   residual stream keeps the input's dtype.
   """
 
-  def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, rotary_pct: float = 0.25,
-               rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5, causal: bool, dtype=None,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      mlp_dim: int,
+      *,
+      rotary_pct: float = 0.25,
+      rotary_base: float = 10000.0,
+      layer_norm_eps: float = 1e-5,
+      causal: bool,
+      dtype=None,
+      rngs: nnx.Rngs,
+  ):
     if d_model % num_heads:
       raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
     self.num_heads = num_heads
@@ -141,8 +160,13 @@ class NeoXBlock(nnx.Module):
     self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
-               num_outputs: int | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      key_mask: jax.Array | None,
+      num_outputs: int | None = None,
+  ) -> jax.Array:
     """x [B, L, D], positions [B, L] int32, key_mask [B, L] bool (False = padding no query sees) -> [B, T, D].
 
     T = num_outputs (default L): only the last T positions are computed as queries and returned, while all
@@ -150,7 +174,9 @@ class NeoXBlock(nnx.Module):
     """
     length = x.shape[1]
     q, k, v = self.rotated_qkv(self.attn_norm(x), positions)  # [B, L, N, H] each
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L] over [B, N, T, L]
+    mask = (
+        None if key_mask is None else key_mask[:, None, None, :]
+    )  # [B, 1, 1, L] over [B, N, T, L]
     if num_outputs is None or num_outputs == length:
       return self.residual(x, dot_product_attention(q, k, v, mask=mask, is_causal=self.causal))
     q, x = q[:, -num_outputs:], x[:, -num_outputs:]  # [B, T, N, H], [B, T, D]
@@ -163,7 +189,9 @@ class NeoXBlock(nnx.Module):
     """The parallel residual of queries x [B, T, D] with their attention outputs [B, T, N, H]."""
     return x + self.attn_out(attended.reshape(x.shape)) + self.mlp(self.mlp_norm(x))
 
-  def rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def rotated_qkv(
+      self, x: jax.Array, positions: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, L, D] -> q, k, v [B, L, N, H], with the rotary phases of `positions` on q and k."""
     batch, length, _ = x.shape
     qkv = self.qkv(x).reshape(batch, length, self.num_heads, 3, self.head_dim)  # [B, L, N, 3, H]
@@ -171,8 +199,16 @@ class NeoXBlock(nnx.Module):
     cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rotary_base)  # [B, L, R]
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-  def extend(self, x: jax.Array, positions: jax.Array, cache: KVCache, offset: jax.Array | int,
-             key_mask: jax.Array, *, compute_output: bool = True) -> tuple[jax.Array | None, KVCache]:
+  def extend(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      cache: KVCache,
+      offset: jax.Array | int,
+      key_mask: jax.Array,
+      *,
+      compute_output: bool = True,
+  ) -> tuple[jax.Array | None, KVCache]:
     """The block on a chunk that sits at `offset` of a longer causal sequence whose earlier keys and values
     are in `cache`: x [B, C, D] -> ([B, C, D], the cache with this chunk's keys and values written in).
 
@@ -182,17 +218,25 @@ class NeoXBlock(nnx.Module):
     prefix whose own outputs nobody reads.
     """
     if not self.causal:
-      raise ValueError("a key/value cache serves causal blocks only: a bidirectional query sees later keys")
+      raise ValueError(
+          "a key/value cache serves causal blocks only: a bidirectional query sees later keys"
+      )
     q, k, v = self.rotated_qkv(self.attn_norm(x), positions)  # [B, C, N, H] each
-    cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), offset, 1),
-                    jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), offset, 1))
+    cache = KVCache(
+        jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), offset, 1),
+        jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), offset, 1),
+    )
     if not compute_output:
       return None, cache
     chunk = x.shape[1]
     # A static offset (the prefix) reads only the keys up to its chunk's end: sliced, not masked.
     seen = offset + chunk if isinstance(offset, int) else cache.keys.shape[1]
-    mask = causal_mask(chunk, seen, offset)[None, None] & key_mask[:, None, None, :seen]  # [B, 1, C, seen]
-    out = dot_product_attention(q, cache.keys[:, :seen], cache.values[:, :seen], mask=mask)  # [B, C, N, H]
+    mask = (
+        causal_mask(chunk, seen, offset)[None, None] & key_mask[:, None, None, :seen]
+    )  # [B, 1, C, seen]
+    out = dot_product_attention(
+        q, cache.keys[:, :seen], cache.values[:, :seen], mask=mask
+    )  # [B, C, N, H]
     return self.residual(x, out), cache
 
   def mlp(self, x: jax.Array) -> jax.Array:
@@ -206,20 +250,54 @@ class NeoXTransformer(nnx.Module):
   against the model it fills.
   """
 
-  def __init__(self, *, num_layers: int, d_model: int, num_heads: int, mlp_dim: int, causal: bool,
-               rotary_pct: float = 0.25, rotary_base: float = 10000.0, layer_norm_eps: float = 1e-5,
-               dtype=None, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      num_layers: int,
+      d_model: int,
+      num_heads: int,
+      mlp_dim: int,
+      causal: bool,
+      rotary_pct: float = 0.25,
+      rotary_base: float = 10000.0,
+      layer_norm_eps: float = 1e-5,
+      dtype=None,
+      remat: str = "none",
+      rngs: nnx.Rngs,
+  ):
     self.remat = remat_lib.check(remat)
-    self.num_layers, self.d_model, self.num_heads, self.mlp_dim = num_layers, d_model, num_heads, mlp_dim
+    self.num_layers, self.d_model, self.num_heads, self.mlp_dim = (
+        num_layers,
+        d_model,
+        num_heads,
+        mlp_dim,
+    )
     self.rotary_pct, self.rotary_base, self.layer_norm_eps = rotary_pct, rotary_base, layer_norm_eps
-    self.layers = nnx.List([
-        NeoXBlock(d_model, num_heads, mlp_dim, rotary_pct=rotary_pct, rotary_base=rotary_base,
-                  layer_norm_eps=layer_norm_eps, causal=causal, dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
+    self.layers = nnx.List(
+        [
+            NeoXBlock(
+                d_model,
+                num_heads,
+                mlp_dim,
+                rotary_pct=rotary_pct,
+                rotary_base=rotary_base,
+                layer_norm_eps=layer_norm_eps,
+                causal=causal,
+                dtype=dtype,
+                rngs=rngs,
+            )
+            for _ in range(num_layers)
+        ]
+    )
     self.final_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None,
-               num_outputs: int | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array | None = None,
+      key_mask: jax.Array | None = None,
+      num_outputs: int | None = None,
+  ) -> jax.Array:
     """x [B, L, D] -> [B, T, D] float32. positions [B, L] default to 0..L-1; key_mask [B, L], False = padding.
 
     T = num_outputs (default L): the hidden states of the last T positions only, which the last block then
@@ -227,7 +305,9 @@ class NeoXTransformer(nnx.Module):
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # [B, L]
-    run = remat_lib.checkpointed(_run_block, self.remat, static_argnums=4)  # what the backward pass keeps
+    run = remat_lib.checkpointed(
+        _run_block, self.remat, static_argnums=4
+    )  # what the backward pass keeps
     for i, layer in enumerate(self.layers):
       x = run(layer, x, positions, key_mask, num_outputs if i == len(self.layers) - 1 else None)
     return self.final_norm(x)
@@ -239,8 +319,16 @@ class NeoXTransformer(nnx.Module):
     shape = (batch, length, self.num_heads, self.d_model // self.num_heads)  # [B, L_total, N, H]
     return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
 
-  def extend(self, x: jax.Array, positions: jax.Array, caches: list[KVCache], offset: jax.Array | int,
-             key_mask: jax.Array, *, compute_output: bool = True) -> tuple[jax.Array | None, list[KVCache]]:
+  def extend(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      caches: list[KVCache],
+      offset: jax.Array | int,
+      key_mask: jax.Array,
+      *,
+      compute_output: bool = True,
+  ) -> tuple[jax.Array | None, list[KVCache]]:
     """A chunk x [B, C, D] at `offset` of a causal sequence whose earlier positions are in `caches`:
     -> (hidden states [B, C, D] float32, the caches with the chunk written in). Running a sequence chunk by
     chunk gives what `__call__` gives on the whole of it; key_mask [B, L_total] covers the whole sequence.

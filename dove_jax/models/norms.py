@@ -8,13 +8,16 @@ behind an optimisation barrier that keeps XLA from merging the two stages back i
 that first stage with its producer and leaves a 32x smaller tensor to the tree (what that buys:
 docs/performance.md).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-FUSED_SUM_WIDTH = 32  # the longest reduction XLA's CPU compiler leaves whole (and fuses with its producer)
+FUSED_SUM_WIDTH = (
+    32  # the longest reduction XLA's CPU compiler leaves whole (and fuses with its producer)
+)
 
 
 def fused_sum(x: jax.Array, axis: int) -> jax.Array:
@@ -23,7 +26,7 @@ def fused_sum(x: jax.Array, axis: int) -> jax.Array:
   size = x.shape[axis]
   width = max(d for d in range(1, FUSED_SUM_WIDTH + 1) if size % d == 0)
   if size > FUSED_SUM_WIDTH and width > 1:
-    x = x.reshape(x.shape[:axis] + (size // width, width) + x.shape[axis + 1:]).sum(axis + 1)
+    x = x.reshape(x.shape[:axis] + (size // width, width) + x.shape[axis + 1 :]).sum(axis + 1)
     x = jax.lax.optimization_barrier(x)
   return x.sum(axis)
 
@@ -57,8 +60,9 @@ class LayerNorm(nnx.LayerNorm):
     if mask is not None or self.reduction_axes not in (-1, (-1,)) or self.axis_name is not None:
       raise NotImplementedError("dove_jax LayerNorm: the last axis only, no mask or axis_name")
     width = x.shape[-1]
-    centered, inverse_std = _centered(x.astype(jnp.float32), lambda v: fused_sum(v, -1)[..., None] / width,
-                                      self.epsilon)
+    centered, inverse_std = _centered(
+        x.astype(jnp.float32), lambda v: fused_sum(v, -1)[..., None] / width, self.epsilon
+    )
     y = _affine(self, centered * inverse_std, 1.0)
     return y.astype(self.dtype or y.dtype)
 
@@ -69,7 +73,9 @@ def _centered(x: jax.Array, mean, epsilon: float) -> tuple[jax.Array, jax.Array]
   return centered, jax.lax.rsqrt(mean(centered * centered) + epsilon)
 
 
-def _affine(norm: nnx.GroupNorm | nnx.LayerNorm, x: jax.Array, factor: jax.Array | float) -> jax.Array:
+def _affine(
+    norm: nnx.GroupNorm | nnx.LayerNorm, x: jax.Array, factor: jax.Array | float
+) -> jax.Array:
   """x * (factor * scale) + bias, scale and bias over the last axis, each where the norm has it."""
   if norm.scale is not None:
     factor = factor * norm.scale[...].astype(jnp.float32)

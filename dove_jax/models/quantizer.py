@@ -4,6 +4,7 @@ diffusers' `VQModel` uses this quantizer with beta=0.25 and the 'legacy' loss, w
 term rather than the commitment term (a bug kept there for backward compatibility; kept here so that losses
 of converted checkpoints match).
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,11 +16,14 @@ from jax.scipy.special import xlogy
 @struct.dataclass
 class QuantizerOutput:
   """Result of quantizing a latent grid; every field is an array, so it crosses `jax.jit` as a pytree."""
+
   quantized: jax.Array  # [B, h, w, C] codebook vectors, with straight-through gradient to the input
   indices: jax.Array  # [B, h, w] int32 code ids
   loss: jax.Array  # [] commitment_loss + beta * codebook_loss (diffusers legacy weighting)
   codebook_loss: jax.Array  # [] mean((z_q - sg(z))^2): moves the codes towards the encoder outputs
-  commitment_loss: jax.Array  # [] mean((sg(z_q) - z)^2): moves the encoder outputs towards the codes
+  commitment_loss: (
+      jax.Array
+  )  # [] mean((sg(z_q) - z)^2): moves the encoder outputs towards the codes
   perplexity: jax.Array  # [] exp(entropy of the code histogram of the batch)
   code_usage: jax.Array  # [] fraction of the codebook used at least once in the batch
 
@@ -31,7 +35,9 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
   HIGHEST precision keeps TPU/GPU matmuls from rounding to bf16/tf32, which would change the chosen codes.
   """
   cross = jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST)  # [N, K]
-  return jnp.sum(z * z, axis=-1, keepdims=True) - 2.0 * cross + jnp.sum(codebook * codebook, axis=-1)
+  return (
+      jnp.sum(z * z, axis=-1, keepdims=True) - 2.0 * cross + jnp.sum(codebook * codebook, axis=-1)
+  )
 
 
 def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -60,8 +66,9 @@ class VectorQuantizer(nnx.Module):
     self.beta = beta
     # diffusers' init: uniform in [-1/K, 1/K].
     bound = 1.0 / num_embeddings
-    self.embedding = nnx.Param(jax.random.uniform(
-        rngs.params(), (num_embeddings, embed_dim), minval=-bound, maxval=bound))  # [K, C]
+    self.embedding = nnx.Param(
+        jax.random.uniform(rngs.params(), (num_embeddings, embed_dim), minval=-bound, maxval=bound)
+    )  # [K, C]
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """Codebook vectors of `indices` [...] -> [..., C]."""

@@ -13,6 +13,7 @@ block and every transformer block:
 On the CPU, XLA's default scheduler keeps about as much under every policy (docs/performance.md has the
 figures); the policies are meant for accelerators, where no measurement has been made yet.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,7 +28,11 @@ def _save_matmuls(primitive, *_, **__) -> bool:
   return primitive in _SAVED_BY_MATMUL_POLICY
 
 
-POLICIES = {"none": None, "save_matmuls": _save_matmuls, "blocks": jax.checkpoint_policies.nothing_saveable}
+POLICIES = {
+    "none": None,
+    "save_matmuls": _save_matmuls,
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def check(name: str) -> str:

@@ -1,4 +1,5 @@
 """The token decoder: a bidirectional GPT-NeoX that maps the masked token sequence back to the latent grid."""
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,16 @@ class TokenDecoder(nnx.Module):
   queries read from them and from each other.
   """
 
-  def __init__(self, *, token_dim: int, latent_dim: int, grid_size: int, transformer: dict,
-               dtype=None, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      token_dim: int,
+      latent_dim: int,
+      grid_size: int,
+      transformer: dict,
+      dtype=None,
+      rngs: nnx.Rngs,
+  ):
     width = transformer["d_model"]
     self.grid_size = grid_size
     self.token_proj = nnx.Linear(token_dim, width, dtype=dtype, rngs=rngs)
@@ -36,10 +45,16 @@ class TokenDecoder(nnx.Module):
     b, m = mask.shape
     n = m if num_slots is None else num_slots
     x = self.token_proj(tokens)  # [B, m, W]
-    queries = jnp.broadcast_to(self.latent_queries[...].astype(x.dtype), (b, *self.latent_queries.shape))
+    queries = jnp.broadcast_to(
+        self.latent_queries[...].astype(x.dtype), (b, *self.latent_queries.shape)
+    )
     x = jnp.concatenate([x, queries], axis=1)  # [B, m + P, W]
     key_mask = jnp.concatenate([mask.astype(bool), jnp.ones(queries.shape[:2], bool)], axis=1)
-    positions = jnp.concatenate([jnp.arange(m, dtype=jnp.int32), n + jnp.arange(queries.shape[1], dtype=jnp.int32)])
+    positions = jnp.concatenate(
+        [jnp.arange(m, dtype=jnp.int32), n + jnp.arange(queries.shape[1], dtype=jnp.int32)]
+    )
     positions = jnp.broadcast_to(positions, key_mask.shape)  # [B, m + P]
-    out = self.transformer(x, positions=positions, key_mask=key_mask, num_outputs=queries.shape[1])  # [B, P, W]
+    out = self.transformer(
+        x, positions=positions, key_mask=key_mask, num_outputs=queries.shape[1]
+    )  # [B, P, W]
     return self.latent_out(out).reshape(b, self.grid_size, self.grid_size, -1)

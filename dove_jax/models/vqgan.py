@@ -3,6 +3,7 @@
 Images are NHWC float32 in [-1, 1]. Only diffusers' norm_type="group" is supported (GroupNorm, eps 1e-6,
 SiLU everywhere); the "spatial" norm of MoVQ-style decoders is not.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,14 +16,23 @@ from dove_jax.models.norms import GroupNorm
 from dove_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
 # The aMUSEd / open-MUSE VQ-GAN (about 146M parameters): 16x downsampling, 8192 codes of width 64.
-AMUSED_VQGAN = dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64,
-                    num_vq_embeddings=8192, vq_embed_dim=64, norm_num_groups=32, mid_block_attention=False)
+AMUSED_VQGAN = dict(
+    block_out_channels=(128, 256, 256, 512, 768),
+    layers_per_block=2,
+    latent_channels=64,
+    num_vq_embeddings=8192,
+    vq_embed_dim=64,
+    norm_num_groups=32,
+    mid_block_attention=False,
+)
 
 
 def group_norm(channels: int, *, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
   """diffusers' GroupNorm. Two-pass variance, as torch computes it: the one-pass E[x^2]-E[x]^2 loses
   digits on activations with large means and breaks 1e-4 parity with converted checkpoints."""
-  return GroupNorm(channels, num_groups=num_groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
+  return GroupNorm(
+      channels, num_groups=num_groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs
+  )
 
 
 def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
@@ -42,8 +52,9 @@ class ResnetBlock(nnx.Module):
     self.norm2 = group_norm(out_channels, num_groups=norm_num_groups, rngs=rngs)
     self.conv2 = conv3x3(out_channels, out_channels, rngs=rngs)
     # A 1x1 projection of the skip path only where the width changes.
-    self.conv_shortcut = (conv1x1(in_channels, out_channels, rngs=rngs)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+        conv1x1(in_channels, out_channels, rngs=rngs) if in_channels != out_channels else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, Cin] -> [B, H, W, Cout]
     h = self.conv1(nnx.silu(self.norm1(x)))
@@ -78,12 +89,25 @@ class Attention(nnx.Module):
 class MidBlock(nnx.Module):
   """diffusers `UNetMidBlock2D` with one layer: resnet, optional attention, resnet."""
 
-  def __init__(self, channels: int, *, norm_num_groups: int, attention: bool, remat: str = "none",
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      channels: int,
+      *,
+      norm_num_groups: int,
+      attention: bool,
+      remat: str = "none",
+      rngs: nnx.Rngs,
+  ):
     self.remat = remat_lib.check(remat)
-    self.resnets = nnx.List([ResnetBlock(channels, channels, norm_num_groups=norm_num_groups, rngs=rngs)
-                             for _ in range(2)])
-    self.attention = Attention(channels, norm_num_groups=norm_num_groups, rngs=rngs) if attention else None
+    self.resnets = nnx.List(
+        [
+            ResnetBlock(channels, channels, norm_num_groups=norm_num_groups, rngs=rngs)
+            for _ in range(2)
+        ]
+    )
+    self.attention = (
+        Attention(channels, norm_num_groups=norm_num_groups, rngs=rngs) if attention else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
     run = remat_lib.checkpointed(_run_resnet, self.remat)
@@ -107,7 +131,8 @@ def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """A 3-tap axis of a kernel -> the 2-tap kernels of output phases 0 and 1 after nearest x2 upsampling.
 
   Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i; output row 2i+1 reads input rows
-  i, i, i+1; so phase 0 applies taps (k0, k1 + k2) to rows (i-1, i) and phase 1 (k0 + k1, k2) to (i, i+1)."""
+  i, i, i+1; so phase 0 applies taps (k0, k1 + k2) to rows (i-1, i) and phase 1 (k0 + k1, k2) to (i, i+1).
+  """
   k0, k1, k2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
   return jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)
 
@@ -118,9 +143,13 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Ar
   function up to float rounding. [B, H, W, C] x [3, 3, C, O] -> [B, 2H, 2W, O]."""
   b, h, w, _ = x.shape
   pads = ((1, 0), (0, 1))  # phase 0 reads the row (column) before, phase 1 the one after
-  phases = [[conv2d(x, taps, (pads[row], pads[col]))  # [B, H, W, O]
-             for col, taps in enumerate(_phase_taps(row_taps, 1))]
-            for row, row_taps in enumerate(_phase_taps(kernel, 0))]
+  phases = [
+      [
+          conv2d(x, taps, (pads[row], pads[col]))  # [B, H, W, O]
+          for col, taps in enumerate(_phase_taps(row_taps, 1))
+      ]
+      for row, row_taps in enumerate(_phase_taps(kernel, 0))
+  ]
   y = jnp.stack([jnp.stack(cols, axis=3) for cols in phases], axis=2)  # [B, H, 2, W, 2, O]
   return y.reshape(b, 2 * h, 2 * w, -1) + bias
 
@@ -141,13 +170,29 @@ class Stage(nnx.Module):
   """A run of resnet blocks at one resolution, then an optional resampling: diffusers'
   `DownEncoderBlock2D` (resample="down") and `UpDecoderBlock2D` (resample="up")."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, resample: str | None,
-               norm_num_groups: int, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      *,
+      num_layers: int,
+      resample: str | None,
+      norm_num_groups: int,
+      remat: str = "none",
+      rngs: nnx.Rngs,
+  ):
     self.remat = remat_lib.check(remat)
-    self.resnets = nnx.List([
-        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, norm_num_groups=norm_num_groups,
-                    rngs=rngs)
-        for i in range(num_layers)])
+    self.resnets = nnx.List(
+        [
+            ResnetBlock(
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                norm_num_groups=norm_num_groups,
+                rngs=rngs,
+            )
+            for i in range(num_layers)
+        ]
+    )
     resampler = {"down": Downsample, "up": Upsample}.get(resample)
     self.resample = None if resampler is None else resampler(out_channels, rngs=rngs)
 
@@ -158,29 +203,66 @@ class Stage(nnx.Module):
     return x if self.resample is None else self.resample(x)
 
 
-def stages(widths: tuple[int, ...], *, num_layers: int, resample: str, norm_num_groups: int, remat: str,
-           rngs: nnx.Rngs) -> nnx.List:
+def stages(
+    widths: tuple[int, ...],
+    *,
+    num_layers: int,
+    resample: str,
+    norm_num_groups: int,
+    remat: str,
+    rngs: nnx.Rngs,
+) -> nnx.List:
   """One Stage per width, as diffusers builds them: stage i maps widths[i-1] (widths[0] for the first) to
   widths[i], and every stage but the last resamples."""
   widths = tuple(widths)
   pairs = list(zip((widths[0],) + widths[:-1], widths))
-  return nnx.List([
-      Stage(cin, cout, num_layers=num_layers, resample=None if i == len(pairs) - 1 else resample,
-            norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
-      for i, (cin, cout) in enumerate(pairs)])
+  return nnx.List(
+      [
+          Stage(
+              cin,
+              cout,
+              num_layers=num_layers,
+              resample=None if i == len(pairs) - 1 else resample,
+              norm_num_groups=norm_num_groups,
+              remat=remat,
+              rngs=rngs,
+          )
+          for i, (cin, cout) in enumerate(pairs)
+      ]
+  )
 
 
 class Encoder(nnx.Module):
   """Image [B, H, W, in] -> features [B, H/2^(S-1), W/2^(S-1), latent] for S = len(block_out_channels)."""
 
-  def __init__(self, *, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, remat: str = "none",
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      in_channels: int,
+      out_channels: int,
+      block_out_channels: tuple[int, ...],
+      layers_per_block: int,
+      norm_num_groups: int,
+      mid_block_attention: bool,
+      remat: str = "none",
+      rngs: nnx.Rngs,
+  ):
     self.conv_in = conv3x3(in_channels, block_out_channels[0], rngs=rngs)
-    self.down_blocks = stages(block_out_channels, num_layers=layers_per_block, resample="down",
-                              norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
-    self.mid_block = MidBlock(block_out_channels[-1], norm_num_groups=norm_num_groups,
-                              attention=mid_block_attention, remat=remat, rngs=rngs)
+    self.down_blocks = stages(
+        block_out_channels,
+        num_layers=layers_per_block,
+        resample="down",
+        norm_num_groups=norm_num_groups,
+        remat=remat,
+        rngs=rngs,
+    )
+    self.mid_block = MidBlock(
+        block_out_channels[-1],
+        norm_num_groups=norm_num_groups,
+        attention=mid_block_attention,
+        remat=remat,
+        rngs=rngs,
+    )
     self.conv_norm_out = group_norm(block_out_channels[-1], num_groups=norm_num_groups, rngs=rngs)
     self.conv_out = conv3x3(block_out_channels[-1], out_channels, rngs=rngs)
 
@@ -196,15 +278,35 @@ class Decoder(nnx.Module):
   """Latent features [B, h, w, in] -> image [B, h*2^(S-1), w*2^(S-1), out]; stages run widest first, each
   with one more resnet than the encoder's (as in diffusers)."""
 
-  def __init__(self, *, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-               layers_per_block: int, norm_num_groups: int, mid_block_attention: bool, remat: str = "none",
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      in_channels: int,
+      out_channels: int,
+      block_out_channels: tuple[int, ...],
+      layers_per_block: int,
+      norm_num_groups: int,
+      mid_block_attention: bool,
+      remat: str = "none",
+      rngs: nnx.Rngs,
+  ):
     widths = tuple(reversed(block_out_channels))
     self.conv_in = conv3x3(in_channels, widths[0], rngs=rngs)
-    self.mid_block = MidBlock(widths[0], norm_num_groups=norm_num_groups, attention=mid_block_attention,
-                              remat=remat, rngs=rngs)
-    self.up_blocks = stages(widths, num_layers=layers_per_block + 1, resample="up",
-                            norm_num_groups=norm_num_groups, remat=remat, rngs=rngs)
+    self.mid_block = MidBlock(
+        widths[0],
+        norm_num_groups=norm_num_groups,
+        attention=mid_block_attention,
+        remat=remat,
+        rngs=rngs,
+    )
+    self.up_blocks = stages(
+        widths,
+        num_layers=layers_per_block + 1,
+        resample="up",
+        norm_num_groups=norm_num_groups,
+        remat=remat,
+        rngs=rngs,
+    )
     self.conv_norm_out = group_norm(block_out_channels[0], num_groups=norm_num_groups, rngs=rngs)
     self.conv_out = conv3x3(block_out_channels[0], out_channels, rngs=rngs)
 
@@ -219,14 +321,29 @@ class VQGAN(nnx.Module):
   """diffusers `VQModel` (norm_type="group"): encoder, 1x1 quant_conv, quantizer, 1x1 post_quant_conv,
   decoder. `encode` stops before quantization so the continuous latents stay available."""
 
-  def __init__(self, in_channels: int = 3, out_channels: int = 3,
-               block_out_channels: tuple[int, ...] = AMUSED_VQGAN["block_out_channels"],
-               layers_per_block: int = 2, latent_channels: int = 64, num_vq_embeddings: int = 8192,
-               vq_embed_dim: int = 64, norm_num_groups: int = 32, mid_block_attention: bool = False,
-               remat: str = "none", *, rngs: nnx.Rngs):
-    blocks = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                  norm_num_groups=norm_num_groups, mid_block_attention=mid_block_attention, remat=remat,
-                  rngs=rngs)
+  def __init__(
+      self,
+      in_channels: int = 3,
+      out_channels: int = 3,
+      block_out_channels: tuple[int, ...] = AMUSED_VQGAN["block_out_channels"],
+      layers_per_block: int = 2,
+      latent_channels: int = 64,
+      num_vq_embeddings: int = 8192,
+      vq_embed_dim: int = 64,
+      norm_num_groups: int = 32,
+      mid_block_attention: bool = False,
+      remat: str = "none",
+      *,
+      rngs: nnx.Rngs,
+  ):
+    blocks = dict(
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        mid_block_attention=mid_block_attention,
+        remat=remat,
+        rngs=rngs,
+    )
     self.encoder = Encoder(in_channels=in_channels, out_channels=latent_channels, **blocks)
     self.quant_conv = conv1x1(latent_channels, vq_embed_dim, rngs=rngs)
     self.quantizer = VectorQuantizer(num_vq_embeddings, vq_embed_dim, beta=0.25, rngs=rngs)

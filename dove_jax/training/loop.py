@@ -4,6 +4,7 @@ Sections: config check, devices, data, model, state and checkpoint, step, loop. 
 resumes from the latest checkpoint in `workdir` (parameters, both optimizers, the EOS threshold buffer,
 the step, the RNG and the input iterator's position).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,27 +39,35 @@ QUERY_THRESHOLDS = ("shared", "region")  # Q-DOVE's EOS threshold (dove_jax.trai
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Values a typo could break, checked before any compute (unknown keys already fail: the config is locked)."""
-  choices = {"data.source": (config.data.source, DATA_SOURCES),
-             "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
-             "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
-             "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
-             "model.remat": (config.model.remat, tuple(remat.POLICIES)),
-             "train.objective": (config.train.objective, OBJECTIVES)}
+  choices = {
+      "data.source": (config.data.source, DATA_SOURCES),
+      "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
+      "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
+      "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
+      "model.remat": (config.model.remat, tuple(remat.POLICIES)),
+      "train.objective": (config.train.objective, OBJECTIVES),
+  }
   if "query" in config:
     choices["query.threshold"] = (config.query.threshold, QUERY_THRESHOLDS)
   for field, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"config.{field} = {value!r}; expected one of {allowed}")
   if config.data.global_batch_size % jax.device_count():
-    raise ValueError(f"config.data.global_batch_size = {config.data.global_batch_size} is not a multiple of "
-                     f"the {jax.device_count()} devices")
+    raise ValueError(
+        f"config.data.global_batch_size = {config.data.global_batch_size} is not a multiple of "
+        f"the {jax.device_count()} devices"
+    )
   if config.data.source in ("folder", "visual_genome") and not config.data.folder:
     raise ValueError(f"config.data.source = {config.data.source!r} needs config.data.folder")
   if config.data.prefetch < 0:
-    raise ValueError(f"config.data.prefetch = {config.data.prefetch}; expected a number of batches >= 0")
+    raise ValueError(
+        f"config.data.prefetch = {config.data.prefetch}; expected a number of batches >= 0"
+    )
   if config.loss.random_length_power <= 0:
-    raise ValueError(f"config.loss.random_length_power = {config.loss.random_length_power}; expected > 0 "
-                     "(1 = uniform lengths)")
+    raise ValueError(
+        f"config.loss.random_length_power = {config.loss.random_length_power}; expected > 0 "
+        "(1 = uniform lengths)"
+    )
   check_init(config.init)
   if "query" in config:
     check_query_config(config)
@@ -66,11 +75,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def check_init(init: ml_collections.ConfigDict) -> None:
   """The paper's 146M VQ-GAN and both transformers start from pretrained weights: a run that names none
-  would train them from random weights for days before anyone saw it, so that takes init.from_scratch."""
+  would train them from random weights for days before anyone saw it, so that takes init.from_scratch.
+  """
   if not (init.vqgan or init.pythia or init.weights or init.checkpoint or init.from_scratch):
-    raise ValueError("configs/dove.py trains from pretrained weights and config.init names none: set "
-                     "--config.init.vqgan=... and --config.init.pythia=... (or --config.init.weights / "
-                     "--config.init.checkpoint), or --config.init.from_scratch=True to train from random weights")
+    raise ValueError(
+        "configs/dove.py trains from pretrained weights and config.init names none: set "
+        "--config.init.vqgan=... and --config.init.pythia=... (or --config.init.weights / "
+        "--config.init.checkpoint), or --config.init.from_scratch=True to train from random weights"
+    )
 
 
 def check_query_config(config: ml_collections.ConfigDict) -> None:
@@ -83,16 +95,23 @@ def check_query_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.query.{field} = {query[field]}; expected a positive integer")
   vocab = query_tokenizer(config).vocab_size
   if vocab > config.model.query_vocab_size:
-    raise ValueError(f"config.model.query_vocab_size = {config.model.query_vocab_size} is smaller than the "
-                     f"{config.query.tokenizer!r} tokenizer's vocabulary ({vocab} tokens)")
+    raise ValueError(
+        f"config.model.query_vocab_size = {config.model.query_vocab_size} is smaller than the "
+        f"{config.query.tokenizer!r} tokenizer's vocabulary ({vocab} tokens)"
+    )
 
 
 def check_training_data(train_source, config: ml_collections.ConfigDict) -> None:
   """An empty training part fails naming the data and the field that emptied it."""
   if len(train_source) == 0:
-    held_out = (f" (data.eval_fraction = {config.data.eval_fraction} holds out every image)"
-                if config.data.source == "folder" else "")
-    raise ValueError(f"config.data: no image to train on in the {config.data.source!r} data{held_out}")
+    held_out = (
+        f" (data.eval_fraction = {config.data.eval_fraction} holds out every image)"
+        if config.data.source == "folder"
+        else ""
+    )
+    raise ValueError(
+        f"config.data: no image to train on in the {config.data.source!r} data{held_out}"
+    )
 
 
 class StopRequest:
@@ -120,8 +139,13 @@ def log_first_compile(function, name: str):
     with xla.CompileCounter() as compiled:
       start = time.perf_counter()
       out = function(*args)
-    logging.info("%s compiled in %.1f s (%d of %d programs from the compilation cache)", name,
-                 time.perf_counter() - start, compiled.cache_hits, compiled.count)
+    logging.info(
+        "%s compiled in %.1f s (%d of %d programs from the compilation cache)",
+        name,
+        time.perf_counter() - start,
+        compiled.cache_hits,
+        compiled.count,
+    )
     return out
 
   return call
@@ -136,8 +160,10 @@ def check_finite(metrics: dict, step: int, last_good: int | None) -> None:
   for name in LOSS_TERMS:
     value = metrics.get(name)
     if value is not None and not np.all(np.isfinite(value)):
-      raise FloatingPointError(f"step {step}: loss term {name!r} is {value}; stopping. The last good checkpoint "
-                               f"is step {last_good} (checkpoints are only written while the loss is finite)")
+      raise FloatingPointError(
+          f"step {step}: loss term {name!r} is {value}; stopping. The last good checkpoint "
+          f"is step {last_good} (checkpoints are only written while the loss is finite)"
+      )
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
@@ -159,26 +185,51 @@ class TrainingSetup:
 def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> TrainingSetup:
   """The initial train state on `mesh` and the compiled step, from the config alone (no data, no workdir)."""
   from dove_jax.perceptual import load_lpips
+
   model_def, params = nnx.split(build_model(config))
-  disc_def, disc_params = nnx.split(PatchDiscriminator(base_channels=config.discriminator.base_channels,
-                                                       num_layers=config.discriminator.num_layers,
-                                                       rngs=nnx.Rngs(config.seed + 1)))
+  disc_def, disc_params = nnx.split(
+      PatchDiscriminator(
+          base_channels=config.discriminator.base_channels,
+          num_layers=config.discriminator.num_layers,
+          rngs=nnx.Rngs(config.seed + 1),
+      )
+  )
   optim = config.optim
-  learning_rate = statelib.learning_rate_schedule(optim.learning_rate, optim.warmup_steps, num_steps,
-                                                  optim.final_learning_rate)
-  tx = statelib.optimizer(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                          grad_clip=optim.grad_clip, frozen=tuple(optim.freeze),
-                          sgd={"generator/eos_head": optim.eos_head_learning_rate}, params=params)
-  disc_tx = statelib.optimizer(optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0,
-                               grad_clip=optim.grad_clip)
-  state = statelib.create_state(params, disc_params, tx, disc_tx,
-                                threshold_window=config.loss.threshold_window, seed=config.seed,
-                                region_threshold="query" in config and config.query.threshold == "region")
+  learning_rate = statelib.learning_rate_schedule(
+      optim.learning_rate, optim.warmup_steps, num_steps, optim.final_learning_rate
+  )
+  tx = statelib.optimizer(
+      learning_rate,
+      b1=optim.b1,
+      b2=optim.b2,
+      weight_decay=optim.weight_decay,
+      grad_clip=optim.grad_clip,
+      frozen=tuple(optim.freeze),
+      sgd={"generator/eos_head": optim.eos_head_learning_rate},
+      params=params,
+  )
+  disc_tx = statelib.optimizer(
+      optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=optim.grad_clip
+  )
+  state = statelib.create_state(
+      params,
+      disc_params,
+      tx,
+      disc_tx,
+      threshold_window=config.loss.threshold_window,
+      seed=config.seed,
+      region_threshold="query" in config and config.query.threshold == "region",
+  )
   shardings = meshlib.state_shardings(mesh, state)
-  step = xla.jit(make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
-                 in_shardings=(shardings, meshlib.batch_sharding(mesh), None), out_shardings=(shardings, None),
-                 donate_argnums=0)
-  lpips = jax.device_put(load_lpips(), meshlib.replicated(mesh)) if config.loss.lpips_weight else None
+  step = xla.jit(
+      make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
+      in_shardings=(shardings, meshlib.batch_sharding(mesh), None),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+  )
+  lpips = (
+      jax.device_put(load_lpips(), meshlib.replicated(mesh)) if config.loss.lpips_weight else None
+  )
   return TrainingSetup(jax.device_put(state, shardings), shardings, step, model_def, lpips)
 
 
@@ -195,7 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
   workdir.mkdir(parents=True, exist_ok=True)
   if config.train.compilation_cache:
-    logging.debug("compiled programs are cached in %s", xla.cache_compiled_programs(workdir / "compilation_cache"))
+    logging.debug(
+        "compiled programs are cached in %s",
+        xla.cache_compiled_programs(workdir / "compilation_cache"),
+    )
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -205,21 +259,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   batch_size = config.data.global_batch_size
   steps_per_epoch = max(len(train_source) // batch_size, 1)
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-  writer = progress.create_writer(workdir, num_steps, batch_size, summaries=jax.process_index() == 0)
+  writer = progress.create_writer(
+      workdir, num_steps, batch_size, summaries=jax.process_index() == 0
+  )
   # Yields (host batch, global batch on the mesh); its checkpointed state is the train step's position.
-  train_iter = DevicePrefetcher(iter(pipeline.make_dataset(
-      train_source, image_size=config.model.image_size, global_batch_size=batch_size, seed=config.seed,
-      train=True, worker_count=config.data.worker_count, query=query_step(config))),
-      functools.partial(meshlib.global_batch, mesh=mesh), config.data.prefetch)
+  train_iter = DevicePrefetcher(
+      iter(
+          pipeline.make_dataset(
+              train_source,
+              image_size=config.model.image_size,
+              global_batch_size=batch_size,
+              seed=config.seed,
+              train=True,
+              worker_count=config.data.worker_count,
+              query=query_step(config),
+          )
+      ),
+      functools.partial(meshlib.global_batch, mesh=mesh),
+      config.data.prefetch,
+  )
 
   # ---------------------------------------------------------------------------- model, state, step
   setup = build_training(config, mesh, num_steps)
   state = setup.state
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=config.train.checkpoint_every,
-                                 keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+      workdir / "checkpoints",
+      every_steps=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints,
+  )
   if ckpt.latest_step() is not None:
     state = ckpt.restore(checkpoint.abstract_like(state, setup.shardings), train_iter)
-    logging.info("resuming from step %d", int(jax.device_get(state.step)))  # past any damaged newer one
+    logging.info(
+        "resuming from step %d", int(jax.device_get(state.step))
+    )  # past any damaged newer one
   evaluator = Evaluator(config, setup.model_def, eval_source, setup.lpips)
 
   # ---------------------------------------------------------------------------- loop
@@ -229,8 +301,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   stop = StopRequest()
   invalid_in_epoch = 0
   metrics = {}
-  logging.info("training steps %d..%d (%d per epoch), %d devices", first_step, num_steps, steps_per_epoch,
-               jax.device_count())
+  logging.info(
+      "training steps %d..%d (%d per epoch), %d devices",
+      first_step,
+      num_steps,
+      steps_per_epoch,
+      jax.device_count(),
+  )
   if first_step == 0:
     writer.write_scalars(0, evaluator.metrics(state.params))  # where the curves start
   for step in range(first_step + 1, num_steps + 1):
@@ -246,7 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
     if step % steps_per_epoch == 0:
       if invalid_in_epoch:
-        logging.warning("epoch %d: %d unreadable images skipped", step // steps_per_epoch, invalid_in_epoch)
+        logging.warning(
+            "epoch %d: %d unreadable images skipped", step // steps_per_epoch, invalid_in_epoch
+        )
       writer.write_scalars(step, {"data/skipped_images": invalid_in_epoch})
       invalid_in_epoch = 0
     if step % config.train.eval_every == 0 or last:
@@ -272,20 +351,34 @@ class Evaluator:
   def __init__(self, config, model_def: nnx.GraphDef, eval_source, lpips=None):
     self.max_tokens = config.model.max_tokens
     self.lpips = lpips
-    dataset = pipeline.make_dataset(eval_source, image_size=config.model.image_size,
-                                    global_batch_size=config.data.global_batch_size, seed=config.seed,
-                                    train=False, query=query_step(config))
+    dataset = pipeline.make_dataset(
+        eval_source,
+        image_size=config.model.image_size,
+        global_batch_size=config.data.global_batch_size,
+        seed=config.seed,
+        train=False,
+        query=query_step(config),
+    )
     # The same images every time, so the curves compare.
-    self.batches = [jax.device_put(batch) for batch in itertools.islice(dataset, config.train.eval_batches)]
+    self.batches = [
+        jax.device_put(batch) for batch in itertools.islice(dataset, config.train.eval_batches)
+    ]
     self.functions = make_functions(model_def)
     self.vqgan_only = config.train.objective == "vqgan"
-    self.budgets = [self.max_tokens // 8, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens]
+    self.budgets = [
+        self.max_tokens // 8,
+        self.max_tokens // 4,
+        self.max_tokens // 2,
+        self.max_tokens,
+    ]
 
   def _run(self, params, batch, budget: int = 0, with_query: bool = True) -> dict:
     if self.vqgan_only:
       return self.functions.autoencode(params, self.lpips, batch)
     budgets = jnp.full(batch["image"].shape[0], budget, jnp.int32)
-    return self.functions.reconstruct(params, self.lpips, batch, budgets, query_inputs(batch, with_query))
+    return self.functions.reconstruct(
+        params, self.lpips, batch, budgets, query_inputs(batch, with_query)
+    )
 
   def metrics(self, params) -> dict:
     figures = {}
@@ -305,7 +398,9 @@ class Evaluator:
       lengths, complexity = figures.pop("lengths"), figures.pop("complexity")
       results = {"eval/length_mean": float(lengths.mean()), "eval/length_std": float(lengths.std())}
       spearman = metrics_lib.spearman(complexity, lengths)
-      if spearman is not None:  # undefined while every length (or complexity) is the same: no point logged
+      if (
+          spearman is not None
+      ):  # undefined while every length (or complexity) is the same: no point logged
         results["eval/length_complexity_spearman"] = spearman
     if "no_query_lengths" in figures:
       results["eval/length_mean_no_query"] = float(figures.pop("no_query_lengths").mean())
@@ -317,8 +412,12 @@ class Evaluator:
     results.update({f"eval/{name}": float(values.mean()) for name, values in figures.items()})
     if not self.vqgan_only:  # the quality-versus-tokens curve, at a few forced budgets
       for budget in self.budgets:
-        mse = np.concatenate([np.asarray(self._run(params, batch, budget)["mse"])[np.asarray(batch["valid"])]
-                              for batch in self.batches])
+        mse = np.concatenate(
+            [
+                np.asarray(self._run(params, batch, budget)["mse"])[np.asarray(batch["valid"])]
+                for batch in self.batches
+            ]
+        )
         results[f"eval/psnr_at_{budget}_tokens"] = float(metrics_lib.psnr_from_mse(mse.mean()))
     return results
 

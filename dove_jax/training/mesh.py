@@ -3,6 +3,7 @@
 Batches are split over both axes (fsdp is data parallel too); parameters and optimizer moments are split
 over `fsdp` along their largest divisible dimension and replicated over `data`. XLA inserts the collectives.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
-MIN_SHARDED_SIZE = 2 ** 14  # smaller arrays are cheaper replicated than gathered
+MIN_SHARDED_SIZE = 2**14  # smaller arrays are cheaper replicated than gathered
 
 
 def maybe_initialize_distributed() -> None:
@@ -20,7 +21,12 @@ def maybe_initialize_distributed() -> None:
   cluster JAX detects: SLURM, Open MPI, Cloud TPU); a single host needs nothing."""
   if jax.distributed.is_initialized():
     return
-  markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+  markers = (
+      "JAX_COORDINATOR_ADDRESS",
+      "SLURM_JOB_NUM_NODES",
+      "OMPI_COMM_WORLD_SIZE",
+      "TPU_WORKER_HOSTNAMES",
+  )
   if any(os.environ.get(m) for m in markers):
     jax.distributed.initialize()
 
@@ -65,4 +71,6 @@ def state_shardings(mesh: Mesh, abstract_state):
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """This process's share of the batch -> global arrays split over the batch axes."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

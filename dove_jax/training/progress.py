@@ -1,5 +1,6 @@
 """The training run's metric writer: every value to TensorBoard and to the log (shown with `--verbosity`),
 and on the console one progress line per logged step and one line per evaluation."""
+
 from __future__ import annotations
 
 import datetime
@@ -12,7 +13,11 @@ from clu import metric_writers
 
 # The train metrics of the progress line, and the names it shows them by.
 PROGRESS_TERMS = {"loss": "loss", "rec": "rec", "mse": "mse", "length_mean": "length"}
-EVAL_TERMS = {"length_mean": "length", "length_mean_no_query": "length without the query", "mse": "mse"}
+EVAL_TERMS = {
+    "length_mean": "length",
+    "length_mean_no_query": "length without the query",
+    "mse": "mse",
+}
 
 
 class ConsoleWriter(metric_writers.LoggingWriter):
@@ -51,18 +56,28 @@ class ConsoleWriter(metric_writers.LoggingWriter):
 
 
 def figures(scalars, prefix: str, terms: dict[str, str]) -> list[str]:
-  """"name value" for each of `terms` (metric -> name shown) written as `prefix` + metric."""
-  return [f"{shown} {float(scalars[prefix + name]):.4g}" for name, shown in terms.items() if prefix + name in scalars]
+  """ "name value" for each of `terms` (metric -> name shown) written as `prefix` + metric."""
+  return [
+      f"{shown} {float(scalars[prefix + name]):.4g}"
+      for name, shown in terms.items()
+      if prefix + name in scalars
+  ]
 
 
 def eval_line(step: int, scalars) -> str:
   """The evaluation's lengths, MSE and PSNR at each forced budget (the quality-versus-tokens curve)."""
   shown = figures(scalars, "eval/", EVAL_TERMS)
-  psnr = {int(name.split("_")[2]): value for name, value in scalars.items() if name.startswith("eval/psnr_at_")}
+  psnr = {
+      int(name.split("_")[2]): value
+      for name, value in scalars.items()
+      if name.startswith("eval/psnr_at_")
+  }
   if psnr:
     budgets = sorted(psnr)
-    shown.append(f"PSNR {' / '.join(f'{psnr[b]:.2f}' for b in budgets)} dB at "
-                 f"{' / '.join(map(str, budgets))} tokens")
+    shown.append(
+        f"PSNR {' / '.join(f'{psnr[b]:.2f}' for b in budgets)} dB at "
+        f"{' / '.join(map(str, budgets))} tokens"
+    )
   return f"eval at step {step}: " + ", ".join(shown)
 
 

@@ -1,4 +1,5 @@
 """The train state: everything a resumed run needs, as one pytree (saved whole by Orbax)."""
+
 from __future__ import annotations
 
 import jax
@@ -24,9 +25,17 @@ class TrainState:
   region_threshold: dict | None = None
 
 
-def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
-              grad_clip: float, frozen: tuple[str, ...] = (), sgd: dict[str, float] | None = None,
-              params=None) -> optax.GradientTransformation:
+def optimizer(
+    learning_rate: optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    grad_clip: float,
+    frozen: tuple[str, ...] = (),
+    sgd: dict[str, float] | None = None,
+    params=None,
+) -> optax.GradientTransformation:
   """Clipped AdamW. Parameters under a `frozen` path prefix get no update at all (and no moments); those
   under a prefix in `sgd` (prefix -> learning rate) get plain SGD instead.
 
@@ -34,8 +43,10 @@ def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_dec
   tiny lambda_eos, trains it): Adam divides every gradient by its own running scale, so their steps would not
   depend on that weight at all, and the lengths would swing at the full learning rate from the first step.
   """
-  tx = optax.chain(optax.clip_by_global_norm(grad_clip),
-                   optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+  tx = optax.chain(
+      optax.clip_by_global_norm(grad_clip),
+      optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay),
+  )
   sgd = {prefix: lr for prefix, lr in (sgd or {}).items() if lr > 0}
   if not frozen and not sgd:
     return tx
@@ -46,22 +57,40 @@ def optimizer(learning_rate: optax.Schedule, *, b1: float, b2: float, weight_dec
       return "frozen"
     return next((prefix for prefix in sgd if name.startswith(prefix)), "adamw")
 
-  transforms = {"adamw": tx, "frozen": optax.set_to_zero(),
-                **{prefix: optax.sgd(lr) for prefix, lr in sgd.items()}}
+  transforms = {
+      "adamw": tx,
+      "frozen": optax.set_to_zero(),
+      **{prefix: optax.sgd(lr) for prefix, lr in sgd.items()},
+  }
   return optax.multi_transform(transforms, jax.tree_util.tree_map_with_path(label, params))
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
-                           final_fraction: float = 0.0) -> optax.Schedule:
+def learning_rate_schedule(
+    peak: float, warmup_steps: int, total_steps: int, final_fraction: float = 0.0
+) -> optax.Schedule:
   """Linear warmup to `peak`, then cosine decay to `final_fraction * peak` at `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
-                                            end_value=final_fraction * peak)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), end_value=final_fraction * peak
+  )
 
 
-def create_state(params, disc_params, tx, disc_tx, *, threshold_window: int, seed: int,
-                 region_threshold: bool = False) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
-                    eos_threshold=losses.threshold_buffer(threshold_window),
-                    rng=jax.random.key_data(jax.random.key(seed)),
-                    region_threshold=losses.threshold_buffer(threshold_window) if region_threshold else None)
+def create_state(
+    params,
+    disc_params,
+    tx,
+    disc_tx,
+    *,
+    threshold_window: int,
+    seed: int,
+    region_threshold: bool = False,
+) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      disc_params=disc_params,
+      disc_opt_state=disc_tx.init(disc_params),
+      eos_threshold=losses.threshold_buffer(threshold_window),
+      rng=jax.random.key_data(jax.random.key(seed)),
+      region_threshold=losses.threshold_buffer(threshold_window) if region_threshold else None,
+  )

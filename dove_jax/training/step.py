@@ -19,6 +19,7 @@ its reconstruction through the codebook plus the quantizer's loss; no tokens, no
 Parameters under an `optim.freeze` prefix enter the loss as constants, so the backward pass skips them (a
 frozen VQ-GAN encoder costs its forward pass only).
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,15 +37,24 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def batch_loss(objective: jax.Array, l_eos: jax.Array, valid: jax.Array, own_length: jax.Array, *,
-               rec_weight: float, lambda_eos: jax.Array) -> jax.Array:
+def batch_loss(
+    objective: jax.Array,
+    l_eos: jax.Array,
+    valid: jax.Array,
+    own_length: jax.Array,
+    *,
+    rec_weight: float,
+    lambda_eos: jax.Array,
+) -> jax.Array:
   """[B] x4 -> []: rec_weight * the mean objective over the valid images + lambda_eos * the mean L_eos over
   the images at their own length.
 
   Each term is a mean over the images it applies to: dividing L_eos by every valid image would scale lambda_eos
   by the own-length fraction (halve it at random_length_fraction = 0.5).
   """
-  return rec_weight * weighted_mean(objective, valid) + lambda_eos * weighted_mean(l_eos, own_length)
+  return rec_weight * weighted_mean(objective, valid) + lambda_eos * weighted_mean(
+      l_eos, own_length
+  )
 
 
 def constants_under(params, prefixes: tuple[str, ...]):
@@ -53,18 +63,24 @@ def constants_under(params, prefixes: tuple[str, ...]):
   if not prefixes:
     return params
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.lax.stop_gradient(x) if param_path(path).startswith(prefixes) else x, params)
+      lambda path, x: jax.lax.stop_gradient(x) if param_path(path).startswith(prefixes) else x,
+      params,
+  )
 
 
 def length_metrics(lengths: jax.Array, valid: jax.Array, max_tokens: int) -> dict:
   """Mean, min and max of the valid images' lengths [B]."""
   lengths = lengths.astype(jnp.float32)
-  return dict(length_mean=weighted_mean(lengths, valid),
-              length_min=jnp.min(jnp.where(valid > 0, lengths, jnp.float32(max_tokens + 1))),
-              length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)))
+  return dict(
+      length_mean=weighted_mean(lengths, valid),
+      length_min=jnp.min(jnp.where(valid > 0, lengths, jnp.float32(max_tokens + 1))),
+      length_max=jnp.max(jnp.where(valid > 0, lengths, 0.0)),
+  )
 
 
-def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float, power: float = 1.0) -> jax.Array:
+def sample_budgets(
+    rng: jax.Array, batch: int, max_tokens: int, fraction: float, power: float = 1.0
+) -> jax.Array:
   """[B] int32: a random length in 1..n for about `fraction` of the images, 0 (= predicted) for the rest.
 
   P(length <= k) = (k / n) ** power: 1 is uniform; above 1 long lengths are likelier. Slot k is trained only
@@ -72,7 +88,9 @@ def sample_budgets(rng: jax.Array, batch: int, max_tokens: int, fraction: float,
   """
   pick, draw = jax.random.split(rng)
   forced = jax.random.uniform(pick, (batch,)) < fraction
-  length = jnp.clip(jnp.ceil(max_tokens * jax.random.uniform(draw, (batch,)) ** (1.0 / power)), 1, max_tokens)
+  length = jnp.clip(
+      jnp.ceil(max_tokens * jax.random.uniform(draw, (batch,)) ** (1.0 / power)), 1, max_tokens
+  )
   return jnp.where(forced, length, 0).astype(jnp.int32)
 
 
@@ -83,7 +101,9 @@ def own_length_weights(budget: jax.Array, valid: jax.Array) -> jax.Array:
   return (budget == 0).astype(jnp.float32) * valid
 
 
-def threshold_records(rec: jax.Array, own_length: jax.Array, query: dict, region_rec: jax.Array | None) -> dict:
+def threshold_records(
+    rec: jax.Array, own_length: jax.Array, query: dict, region_rec: jax.Array | None
+) -> dict:
   """What each threshold buffer records this step: {state field: (L_rec [B], weights [B])}.
 
   One threshold (DOVE, and Q-DOVE's "shared"): every image at its own length, judged on its relevant region.
@@ -95,19 +115,32 @@ def threshold_records(rec: jax.Array, own_length: jax.Array, query: dict, region
   if region_rec is None:
     return dict(eos_threshold=(rec, own_length))
   without_query = own_length * ~query["kept"]
-  return dict(eos_threshold=(rec, without_query), region_threshold=(region_rec, without_query * query["has_boxes"]))
+  return dict(
+      eos_threshold=(rec, without_query),
+      region_threshold=(region_rec, without_query * query["has_boxes"]),
+  )
 
 
-def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx: optax.GradientTransformation,
-                    disc_tx: optax.GradientTransformation, learning_rate: optax.Schedule):
+def make_train_step(
+    config,
+    model_def: nnx.GraphDef,
+    disc_def: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+):
   """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
 
   `lpips` is a `perceptual.LPIPS` (its weights travel as an argument, not as compiled-in constants), or
   None when the LPIPS weight is 0. A config with a `query` section trains Q-DOVE (see `query_objective`).
   """
   loss_cfg = config.loss
-  eos_weight = losses.eos_weight_schedule(start=loss_cfg.eos_weight_start, end=loss_cfg.eos_weight_end,
-                                          warmup_steps=loss_cfg.eos_weight_steps, kind=loss_cfg.eos_weight_kind)
+  eos_weight = losses.eos_weight_schedule(
+      start=loss_cfg.eos_weight_start,
+      end=loss_cfg.eos_weight_end,
+      warmup_steps=loss_cfg.eos_weight_steps,
+      kind=loss_cfg.eos_weight_kind,
+  )
   max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
   query_cfg = config.get("query")
   region_threshold = query_cfg is not None and query_cfg.threshold == "region"
@@ -119,8 +152,13 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     images = batch["image"]  # [B, H, W, 3] in [-1, 1]
     valid = batch["valid"].astype(jnp.float32)  # [B]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    budget = sample_budgets(rng, images.shape[0], max_tokens, loss_cfg.random_length_fraction,
-                            loss_cfg.random_length_power)
+    budget = sample_budgets(
+        rng,
+        images.shape[0],
+        max_tokens,
+        loss_cfg.random_length_fraction,
+        loss_cfg.random_length_power,
+    )
     own_length = own_length_weights(budget, valid)  # [B]
     threshold = losses.threshold_value(state.eos_threshold)  # [], the whole image's
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
@@ -133,19 +171,34 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
       """L_rec and its parts per image: [N, h, w, 3] x2 -> dict of [N]."""
       mse = losses.mse_per_image(recon, target)
       perceptual = lpips(recon, target) if lpips is not None else jnp.zeros_like(mse)
-      gan = (losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on if use_gan
-             else jnp.zeros_like(mse))
-      rec = losses.reconstruction_loss(mse, perceptual, gan, mse_weight=loss_cfg.mse_weight,
-                                       lpips_weight=loss_cfg.lpips_weight, gan_weight=loss_cfg.gan_weight)
+      gan = (
+          losses.generator_gan_loss(discriminator(recon), loss_cfg.gan_kind) * gan_on
+          if use_gan
+          else jnp.zeros_like(mse)
+      )
+      rec = losses.reconstruction_loss(
+          mse,
+          perceptual,
+          gan,
+          mse_weight=loss_cfg.mse_weight,
+          lpips_weight=loss_cfg.lpips_weight,
+          gan_weight=loss_cfg.gan_weight,
+      )
       return dict(rec=rec, mse=mse, lpips=perceptual, gan=gan)
 
     def vqgan_loss_fn(params):
       """Stage 1: the VQ-GAN's reconstruction through its codebook; the threshold records nothing."""
       recon, vq = nnx.merge(model_def, constants_under(params, frozen)).vqgan(images)
       terms = rec_terms(recon, images)
-      total = loss_cfg.rec_weight * weighted_mean(terms["rec"], valid) + loss_cfg.vq_weight * vq.loss
-      logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
-                    vq=vq.loss, code_usage=vq.code_usage)
+      total = (
+          loss_cfg.rec_weight * weighted_mean(terms["rec"], valid) + loss_cfg.vq_weight * vq.loss
+      )
+      logged = dict(
+          loss=total,
+          **{name: weighted_mean(value, valid) for name, value in terms.items()},
+          vq=vq.loss,
+          code_usage=vq.code_usage,
+      )
       return total, (logged, recon, dict(eos_threshold=(terms["rec"], jnp.zeros_like(valid))))
 
     def loss_fn(params):
@@ -157,27 +210,48 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
         terms = rec_terms(recon, images)
         objective = terms["rec"]
       else:
-        terms, objective, region_rec = query_objective(rec_terms, recon, images, batch, query["kept"], query_cfg)
-      records = threshold_records(terms["rec"], own_length, query, region_rec if region_threshold else None)
+        terms, objective, region_rec = query_objective(
+            rec_terms, recon, images, batch, query["kept"], query_cfg
+        )
+      records = threshold_records(
+          terms["rec"], own_length, query, region_rec if region_threshold else None
+      )
       # The EOS loss and its threshold see L_rec of the relevant region only (the whole image for DOVE).
-      image_threshold = threshold  # [] or [B]: an image with its query may be judged on the region threshold
+      image_threshold = (
+          threshold  # [] or [B]: an image with its query may be judged on the region threshold
+      )
       if region_threshold:
-        image_threshold = jnp.where(query["kept"], losses.threshold_value(state.region_threshold), threshold)
-      l_eos = losses.eos_length_loss(out.tokens.eos_prob, out.tokens.lengths, terms["rec"], image_threshold)
+        image_threshold = jnp.where(
+            query["kept"], losses.threshold_value(state.region_threshold), threshold
+        )
+      l_eos = losses.eos_length_loss(
+          out.tokens.eos_prob, out.tokens.lengths, terms["rec"], image_threshold
+      )
       lambda_eos = eos_weight(state.step)
-      total = batch_loss(objective, l_eos, valid, own_length, rec_weight=loss_cfg.rec_weight, lambda_eos=lambda_eos)
+      total = batch_loss(
+          objective, l_eos, valid, own_length, rec_weight=loss_cfg.rec_weight, lambda_eos=lambda_eos
+      )
       vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
       total = total + loss_cfg.vq_weight * vq_loss
-      _, predicted = eos.eos_mask(out.tokens.eos_prob, None, eos_threshold)  # lengths without budgets
-      logged = dict(loss=total, **{name: weighted_mean(value, valid) for name, value in terms.items()},
-                    eos=weighted_mean(l_eos, own_length), vq=vq_loss, lambda_eos=lambda_eos,
-                    eos_threshold=threshold, **length_metrics(predicted, valid, max_tokens))
+      _, predicted = eos.eos_mask(
+          out.tokens.eos_prob, None, eos_threshold
+      )  # lengths without budgets
+      logged = dict(
+          loss=total,
+          **{name: weighted_mean(value, valid) for name, value in terms.items()},
+          eos=weighted_mean(l_eos, own_length),
+          vq=vq_loss,
+          lambda_eos=lambda_eos,
+          eos_threshold=threshold,
+          **length_metrics(predicted, valid, max_tokens),
+      )
       if region_threshold:
         logged["region_threshold"] = losses.threshold_value(state.region_threshold)
       return total, (logged, recon, records)
 
     (_, (terms, recon, records)), grads = jax.value_and_grad(
-        vqgan_loss_fn if vqgan_only else loss_fn, has_aux=True)(state.params)
+        vqgan_loss_fn if vqgan_only else loss_fn, has_aux=True
+    )(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -191,16 +265,31 @@ def make_train_step(config, model_def: nnx.GraphDef, disc_def: nnx.GraphDef, tx:
     disc_loss, disc_params, disc_opt_state = jnp.zeros(()), state.disc_params, state.disc_opt_state
     if use_gan:
       disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
-      disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
+      disc_updates, disc_opt_state = disc_tx.update(
+          disc_grads, state.disc_opt_state, state.disc_params
+      )
       disc_params = optax.apply_updates(state.disc_params, disc_updates)
 
-    metrics = dict(**terms, disc=disc_loss, grad_norm=optax.global_norm(grads),
-                   learning_rate=learning_rate(state.step))
+    metrics = dict(
+        **terms,
+        disc=disc_loss,
+        grad_norm=optax.global_norm(grads),
+        learning_rate=learning_rate(state.step),
+    )
     if query:
       metrics["query_kept"] = weighted_mean(query["kept"].astype(jnp.float32), valid)
-    buffers = {name: losses.threshold_update(getattr(state, name), *record) for name, record in records.items()}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
-                              disc_opt_state=disc_opt_state, **buffers)
+    buffers = {
+        name: losses.threshold_update(getattr(state, name), *record)
+        for name, record in records.items()
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        disc_params=disc_params,
+        disc_opt_state=disc_opt_state,
+        **buffers,
+    )
     return new_state, metrics
 
   return train_step
@@ -215,11 +304,16 @@ def drop_queries(rng: jax.Array, batch: dict, drop_rate: float) -> dict:
   """
   drop = jax.random.uniform(rng, batch["query_mask"].shape[:1]) < drop_rate  # [B]
   query_mask = batch["query_mask"] & ~drop[:, None]  # [B, Q]
-  return dict(query_mask=query_mask, kept=boxes.has_query_boxes(batch["box_mask"], query_mask),
-              has_boxes=boxes.has_query_boxes(batch["box_mask"], batch["query_mask"]))
+  return dict(
+      query_mask=query_mask,
+      kept=boxes.has_query_boxes(batch["box_mask"], query_mask),
+      has_boxes=boxes.has_query_boxes(batch["box_mask"], batch["query_mask"]),
+  )
 
 
-def query_objective(rec_terms, recon: jax.Array, images: jax.Array, batch: dict, kept: jax.Array, query_cfg):
+def query_objective(
+    rec_terms, recon: jax.Array, images: jax.Array, batch: dict, kept: jax.Array, query_cfg
+):
   """Q-DOVE's L_qry per image: L_rec on each box's crop (resampled to `crop_size`), averaged over the
   image's boxes, plus `outside_weight` (lambda_o) times the MSE outside every box; for an image whose query
   was dropped (`kept` [B] False), the whole image's L_rec.
@@ -236,7 +330,10 @@ def query_objective(rec_terms, recon: jax.Array, images: jax.Array, batch: dict,
     return boxes.crop_and_resize(x, region, size).reshape(b * k, size, size, x.shape[-1])
 
   per_box = rec_terms(crops(recon), crops(images))  # [B * K] each
-  in_boxes = {name: losses.mean_over_boxes(value.reshape(b, k), region_mask) for name, value in per_box.items()}
+  in_boxes = {
+      name: losses.mean_over_boxes(value.reshape(b, k), region_mask)
+      for name, value in per_box.items()
+  }
   whole = rec_terms(recon, images)  # [B] each
   terms = {name: jnp.where(kept, in_boxes[name], whole[name]) for name in whole}
   inside = boxes.union_mask(region, region_mask, height, width) | ~kept[:, None, None]  # [B, H, W]
