@@ -1,28 +1,16 @@
 """eval.py end to end: a 2-step tiny run, evaluated from the command line, and its clean error exits."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_eval_metrics import counted_inception  # noqa: F401 (a fixture)
+from test_training import python
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def python(args, timeout=600):
-  return subprocess.run(
-      [sys.executable, *args],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      env=os.environ,
-  )
 
 
 @pytest.fixture(scope="module")

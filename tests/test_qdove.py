@@ -3,9 +3,6 @@ the query loss, the query input step, loading a DOVE into a Q-DOVE, and the comm
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +17,7 @@ from dove_jax.models.dove import DOVE
 from dove_jax.text import ByteTokenizer
 from test_console import tensorboard_tags
 from test_dove import TINY, images
+from test_training import python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -369,17 +367,6 @@ def test_a_dove_weights_file_loads_into_a_qdove_keeping_its_query_embedding(tmp_
   np.testing.assert_array_equal(
       model.generator.eos_head.bias[...],
       DOVE(**TINY, rngs=nnx.Rngs(1)).generator.eos_head.bias[...],
-  )
-
-
-def python(args, timeout=900):
-  return subprocess.run(
-      [sys.executable, *args],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      env=os.environ,
   )
 
 
