@@ -11,6 +11,7 @@ from flax import nnx
 from dove_jax.models import buckets, eos
 from dove_jax.models.dove import DOVE
 from dove_jax.models.generator import TokenGenerator
+from test_dove import TINY
 
 N, WIDTH, THRESHOLD = (
     20,
@@ -145,24 +146,8 @@ def test_no_recompile_for_new_budgets_or_lengths(generator, features, count_comp
 
 @pytest.fixture(scope="module")
 def dove():
-  return DOVE(
-      image_size=32,
-      vqgan=dict(
-          block_out_channels=(16, 16, 32),
-          layers_per_block=1,
-          latent_channels=8,
-          num_vq_embeddings=32,
-          vq_embed_dim=8,
-          norm_num_groups=8,
-          mid_block_attention=False,
-      ),
-      generator=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-      decoder=dict(num_layers=2, d_model=32, num_heads=2, mlp_dim=64),
-      max_tokens=16,
-      eos_bias_init=0.0,
-      token_dim=8,
-      rngs=nnx.Rngs(0),
-  )  # tokens narrower than the generator
+  # Tokens narrower than the generator.
+  return DOVE(**TINY, eos_bias_init=0.0, token_dim=8, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
