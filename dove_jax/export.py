@@ -1,10 +1,13 @@
-"""Writes a training run's parameters to a weights file (safetensors keyed by parameter path).
+"""Writes a training run's parameters to a weights file (safetensors keyed by parameter path), or the
+model to a folder.
 
   python -m dove_jax.export --workdir runs/tiny --out dove.safetensors            the latest checkpoint
   python -m dove_jax.export --workdir runs/vqgan_tiny --part vqgan --out vqgan.safetensors --step 3000
+  python -m dove_jax.export --workdir runs/tiny --out models/tiny                 a model folder
 
 The file loads with `dove_jax.load_weights` (a whole model), as `--config.init.weights` or `eval.py
---weights`; a `--part vqgan` file is a stage-1 VQ-GAN for `--config.init.vqgan`.
+--weights`; a `--part vqgan` file is a stage-1 VQ-GAN for `--config.init.vqgan`. A folder (any --out not
+ending in .safetensors) holds config.json and model.safetensors: `DOVE.from_pretrained(folder)`.
 """
 
 import sys
@@ -12,12 +15,14 @@ import sys
 from absl import app, flags
 
 from dove_jax.evaluation import run
-from dove_jax.weights import save_weights
+from dove_jax.weights import save_pretrained, save_weights
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "the training run (its checkpoints/ and config.json)", required=True
 )
-_OUT = flags.DEFINE_string("out", None, "the .safetensors file to write", required=True)
+_OUT = flags.DEFINE_string(
+    "out", None, "the .safetensors file to write, or else the model folder", required=True
+)
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
 _PART = flags.DEFINE_string("part", "", "only the parameters under this path prefix, e.g. vqgan")
 
@@ -27,7 +32,12 @@ def main(argv):
   try:
     config = run.load_run_config(_WORKDIR.value)
     model, origin = run.load_model(config, _WORKDIR.value, step=_STEP.value)
-    count = save_weights(model, _OUT.value, part=_PART.value)
+    if _OUT.value.endswith(".safetensors"):
+      count = save_weights(model, _OUT.value, part=_PART.value)
+    elif _PART.value:
+      raise ValueError("--part writes a .safetensors file, not a model folder")
+    else:
+      count = save_pretrained(model, _OUT.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"export: {e}")
   print(f"wrote {count} tensors of step {origin['step']} to {_OUT.value}")

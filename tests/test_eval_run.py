@@ -266,3 +266,17 @@ def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
       "linear_probe"
   ]  # by default on the evaluated data set: its train split, one a class
   assert probe["protocol"]["data"] == results[0]["settings"]["data"] and probe["train_images"] == 10
+
+
+def test_export_writes_a_run_as_a_model_folder(run_dir, tmp_path):
+  from dove_jax import DOVE
+
+  result = python(["-m", "dove_jax.export", f"--workdir={run_dir}", f"--out={tmp_path / 'model'}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"of step 2 to {tmp_path / 'model'}" in result.stdout
+  model = DOVE.from_pretrained(tmp_path / "model")
+  assert model.max_tokens == 64 and model.image_size == 64
+  result = python(
+      ["-m", "dove_jax.export", f"--workdir={run_dir}", f"--out={tmp_path / 'vq'}", "--part=vqgan"]
+  )
+  assert result.returncode != 0 and "--part writes a .safetensors file" in result.stderr

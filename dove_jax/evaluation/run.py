@@ -37,7 +37,7 @@ from dove_jax.evaluation.functions import make_functions, mean_token, measured_o
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
-from dove_jax.weights import load_checkpoint_params, load_weights
+from dove_jax.weights import load_checkpoint_params, load_weights, lists_to_tuples, shaped_model
 
 PAPER_BUDGETS = (
     16,
@@ -93,17 +93,9 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         f"no {path}: {workdir} is not a training run's workdir; pass --config "
         "(the config the weights were trained with)"
     )
-  config = ml_collections.ConfigDict(_lists_to_tuples(json.loads(path.read_text())))
+  config = ml_collections.ConfigDict(lists_to_tuples(json.loads(path.read_text())))
   config.lock()
   return config
-
-
-def _lists_to_tuples(value):
-  if isinstance(value, dict):
-    return {key: _lists_to_tuples(item) for key, item in value.items()}
-  if isinstance(value, list):
-    return tuple(_lists_to_tuples(item) for item in value)
-  return value
 
 
 def load_model(
@@ -119,10 +111,7 @@ def load_model(
   """
   if weights and step is not None:
     raise ValueError("give a checkpoint step or a weights file, not both")
-  # Every parameter comes from the file, so the random initialisers are skipped (run eagerly they take
-  # ~25 s for even the tiny model on 2 CPU cores): the model starts as zeros of the right shapes.
-  model = nnx.eval_shape(lambda: DOVE(**config.model, rngs=nnx.Rngs(config.seed)))
-  nnx.update(model, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nnx.state(model)))
+  model = shaped_model(lambda: DOVE(**config.model, rngs=nnx.Rngs(config.seed)))
   if weights:
     load_weights(model, weights)
     return model, {"weights": str(Path(weights).absolute())}

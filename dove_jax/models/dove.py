@@ -11,10 +11,14 @@ so the tokens can spend themselves on the region the query asks about. An all-pa
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dove_jax import weights
 from dove_jax.models import buckets, eos, neox
 from dove_jax.models.generator import TokenGenerator
 from dove_jax.models.quantizer import QuantizerOutput
@@ -94,6 +98,27 @@ class DOVE(nnx.Module):
       query_vocab_size: int = 0,
       rngs: nnx.Rngs,
   ):
+    # The keyword arguments as JSON (a static string: the graph stays hashable), so that `save_pretrained`
+    # can write beside the weights what rebuilds this model.
+    self.arguments = json.dumps(
+        dict(
+            image_size=image_size,
+            vqgan=vqgan,
+            generator=generator,
+            decoder=decoder,
+            max_tokens=max_tokens,
+            eos_threshold=eos_threshold,
+            quantize_features=quantize_features,
+            requantize_output=requantize_output,
+            eos_bias_init=eos_bias_init,
+            token_dim=token_dim,
+            dtype=str(jnp.dtype(dtype)) if dtype else None,
+            remat=remat,
+            query_vocab_size=query_vocab_size,
+        ),
+        sort_keys=True,
+        default=dict,  # a config's sections (ml_collections.ConfigDict) as plain dicts
+    )
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
@@ -141,6 +166,18 @@ class DOVE(nnx.Module):
     )
 
   # -- the public API -----------------------------------------------------------------------------------
+
+  @classmethod
+  def from_pretrained(cls, directory: str | Path) -> DOVE:
+    """The model a `save_pretrained` folder holds (config.json + model.safetensors), nothing else needed.
+
+    Raises FileNotFoundError naming a missing file, ValueError naming every parameter whose tensor does not
+    fit the config (with both shapes).
+    """
+    arguments = weights.read_model_arguments(directory)
+    model = weights.shaped_model(lambda: cls(**arguments, rngs=nnx.Rngs(0)))
+    weights.load_weights(model, Path(directory) / weights.MODEL_WEIGHTS)
+    return model
 
   def encode(
       self,
