@@ -98,27 +98,13 @@ class DOVE(nnx.Module):
       query_vocab_size: int = 0,
       rngs: nnx.Rngs,
   ):
-    # The keyword arguments as JSON (a static string: the graph stays hashable), so that `save_pretrained`
-    # can write beside the weights what rebuilds this model.
+    # Every keyword argument but rngs (taken before any is rebound, so a new one is saved too) as JSON, a
+    # static string that keeps the graph hashable: what `save_pretrained` writes to rebuild this model.
+    arguments = {name: value for name, value in locals().items() if name not in ("self", "rngs")}
+    arguments["dtype"] = str(jnp.dtype(dtype)) if dtype else None
     self.arguments = json.dumps(
-        dict(
-            image_size=image_size,
-            vqgan=vqgan,
-            generator=generator,
-            decoder=decoder,
-            max_tokens=max_tokens,
-            eos_threshold=eos_threshold,
-            quantize_features=quantize_features,
-            requantize_output=requantize_output,
-            eos_bias_init=eos_bias_init,
-            token_dim=token_dim,
-            dtype=str(jnp.dtype(dtype)) if dtype else None,
-            remat=remat,
-            query_vocab_size=query_vocab_size,
-        ),
-        sort_keys=True,
-        default=dict,  # a config's sections (ml_collections.ConfigDict) as plain dicts
-    )
+        arguments, sort_keys=True, default=dict
+    )  # ConfigDicts as plain dicts
     vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
     downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
     if image_size % downsample:
