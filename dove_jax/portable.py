@@ -41,9 +41,8 @@ import jax.numpy as jnp
 
 ENCODE_FILE, DECODE_FILE = "encode.jax_exported", "decode.jax_exported"
 PORTABLE_CONFIG = "portable.json"
-WEIGHTS_FILE = (
-    "model.safetensors"  # weights.MODEL_WEIGHTS, named again so the loader needs no dove_jax
-)
+# weights.MODEL_WEIGHTS, named again so that the loader needs no dove_jax.
+WEIGHTS_FILE = "model.safetensors"
 # jax.export lowers for every platform it names, no such device needed: the same files serve both.
 PLATFORMS = ("cpu", "cuda")
 QUERY_LENGTH = 32  # Q-DOVE's query length unless told (configs/qdove.py, query.max_length)
