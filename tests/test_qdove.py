@@ -196,7 +196,7 @@ def test_query_objective_of_the_whole_image_box_is_plain_l_rec():
   """An empty or dropped query's L_qry is DOVE's L_rec + lambda_o * 0; a kept box's L_rec is its crop's. The
   region figure is the box's L_rec whether the query was kept or dropped."""
   from ml_collections import ConfigDict
-  from dove_jax.training.step import query_objective
+  from dove_jax.training.objectives import query_objective
 
   recon, target = jax.random.uniform(jax.random.key(1), (2, 3, 16, 16, 3), minval=-1, maxval=1)
 
@@ -242,7 +242,7 @@ def test_region_threshold_records_only_images_without_their_query():
   """query.threshold = "region": an image trained with its query records nothing, however large its loss;
   the images without theirs record their whole-image L_rec, and their boxes' L_rec where they have a query.
   """
-  from dove_jax.training.step import threshold_records
+  from dove_jax.training.objectives import threshold_records
 
   rec = jnp.array([1e6, 0.2, 0.4, 0.6, 1e6])  # [B]; images 0 and 4 keep their queries
   region_rec = jnp.array([1e6, 0.3, 0.5, 9.0, 1e6])

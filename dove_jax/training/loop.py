@@ -30,11 +30,12 @@ from dove_jax.evaluation.functions import make_functions, measured_outside_mse, 
 from dove_jax.models import remat
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
+from dove_jax.training.objectives import make_objective
 from dove_jax.training.step import make_train_step
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
 OBJECTIVES = ("dove", "vqgan")  # what the train step optimises: DOVE, or its VQ-GAN alone (stage 1)
-QUERY_THRESHOLDS = ("shared", "region")  # Q-DOVE's EOS threshold (dove_jax.training.step)
+QUERY_THRESHOLDS = ("shared", "region")  # Q-DOVE's EOS threshold (dove_jax.training.objectives)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -218,7 +219,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
       disc_tx,
       threshold_window=config.loss.threshold_window,
       seed=config.seed,
-      region_threshold="query" in config and config.query.threshold == "region",
+      region_threshold="region_threshold" in make_objective(config).buffers,
   )
   shardings = meshlib.state_shardings(mesh, state)
   step = xla.jit(

@@ -6,12 +6,9 @@ input file arrives with valid=False and weight 0). A fraction of the images is r
 forced length so that every budget learns to reconstruct; the EOS loss, its average and the threshold only
 see the images at their own length.
 
-Q-DOVE (a config with a `query` section) replaces the whole-image L_rec by L_qry: the reconstruction is
-judged on the query's boxes, and barely outside them; half the queries are dropped (the image becomes the box).
-Its EOS threshold (`query.threshold`) is either the paper's one mean over every image's relevant region
-("shared"), or two ("region"): an image without its query is judged against the whole-image threshold, and one
-with its query against the loss the images without theirs reach on their query's boxes. The second asks a
-query to stop once its boxes are as good as they would be without it: the tokens it saves are the compression.
+What is reconstructed and judged (the whole image for DOVE; the query's boxes for Q-DOVE) and the EOS
+threshold each image is compared with come from the run's objective (`objectives.make_objective`), chosen
+once.
 
 Stage 1 (`train.objective = "vqgan"`, configs/vqgan.py) trains the VQ-GAN alone as an autoencoder: L_rec of
 its reconstruction through the codebook plus the quantizer's loss; no tokens, no EOS.
@@ -27,14 +24,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dove_jax import boxes, losses
+from dove_jax import losses
 from dove_jax.models import eos
 from dove_jax.tensor_io import param_path
+from dove_jax.training.objectives import make_objective, weighted_mean
 from dove_jax.training.state import TrainState
-
-
-def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def batch_loss(
@@ -101,26 +95,6 @@ def own_length_weights(budget: jax.Array, valid: jax.Array) -> jax.Array:
   return (budget == 0).astype(jnp.float32) * valid
 
 
-def threshold_records(
-    rec: jax.Array, own_length: jax.Array, query: dict, region_rec: jax.Array | None
-) -> dict:
-  """What each threshold buffer records this step: {state field: (L_rec [B], weights [B])}.
-
-  One threshold (DOVE, and Q-DOVE's "shared"): every image at its own length, judged on its relevant region.
-  With `region_rec` (Q-DOVE's "region": [B] L_rec on the query's boxes), only the images at their own length
-  without their query: their whole-image L_rec for the whole-image threshold, and, where they have a query
-  with a box, what they reach on its boxes for the region threshold. An image with its query records neither,
-  however well or badly it does: what it is compared with must not depend on it.
-  """
-  if region_rec is None:
-    return dict(eos_threshold=(rec, own_length))
-  without_query = own_length * ~query["kept"]
-  return dict(
-      eos_threshold=(rec, without_query),
-      region_threshold=(region_rec, without_query * query["has_boxes"]),
-  )
-
-
 def make_train_step(
     config,
     model_def: nnx.GraphDef,
@@ -132,7 +106,7 @@ def make_train_step(
   """Returns train_step(state, batch, lpips) -> (state, metrics); `config` is the run's config.
 
   `lpips` is a `perceptual.LPIPS` (its weights travel as an argument, not as compiled-in constants), or
-  None when the LPIPS weight is 0. A config with a `query` section trains Q-DOVE (see `query_objective`).
+  None when the LPIPS weight is 0. What is judged comes from `objectives.make_objective(config)`.
   """
   loss_cfg = config.loss
   eos_weight = losses.eos_weight_schedule(
@@ -142,8 +116,7 @@ def make_train_step(
       kind=loss_cfg.eos_weight_kind,
   )
   max_tokens, eos_threshold = config.model.max_tokens, config.model.eos_threshold
-  query_cfg = config.get("query")
-  region_threshold = query_cfg is not None and query_cfg.threshold == "region"
+  objective = make_objective(config)
   frozen = tuple(config.optim.freeze)
   vqgan_only = config.train.objective == "vqgan"
   use_gan = loss_cfg.gan_weight > 0  # with weight 0 the discriminator neither judges nor trains
@@ -160,12 +133,9 @@ def make_train_step(
         loss_cfg.random_length_power,
     )
     own_length = own_length_weights(budget, valid)  # [B]
-    threshold = losses.threshold_value(state.eos_threshold)  # [], the whole image's
     gan_on = losses.gan_active(state.step, loss_cfg.gan_start_step)
     discriminator = nnx.merge(disc_def, state.disc_params)
-    query = {}
-    if query_cfg is not None:
-      query = drop_queries(jax.random.fold_in(rng, 1), batch, query_cfg.drop_rate)
+    inputs = objective.inputs(jax.random.fold_in(rng, 1), batch)  # {} for DOVE
 
     def rec_terms(recon, target):
       """L_rec and its parts per image: [N, h, w, 3] x2 -> dict of [N]."""
@@ -203,33 +173,21 @@ def make_train_step(
 
     def loss_fn(params):
       model = nnx.merge(model_def, constants_under(params, frozen))
-      out = model(images, budget, batch.get("query_ids"), query.get("query_mask"))
+      out = model(images, budget, inputs.get("query"), inputs.get("query_mask"))
       recon = out.reconstruction
-      region_rec = None
-      if query_cfg is None:
-        terms = rec_terms(recon, images)
-        objective = terms["rec"]
-      else:
-        terms, objective, region_rec = query_objective(
-            rec_terms, recon, images, batch, query["kept"], query_cfg
-        )
-      records = threshold_records(
-          terms["rec"], own_length, query, region_rec if region_threshold else None
-      )
+      judged = objective.judge(rec_terms, recon, batch, inputs, own_length, state)
       # The EOS loss and its threshold see L_rec of the relevant region only (the whole image for DOVE).
-      image_threshold = (
-          threshold  # [] or [B]: an image with its query may be judged on the region threshold
-      )
-      if region_threshold:
-        image_threshold = jnp.where(
-            query["kept"], losses.threshold_value(state.region_threshold), threshold
-        )
       l_eos = losses.eos_length_loss(
-          out.tokens.eos_prob, out.tokens.lengths, terms["rec"], image_threshold
+          out.tokens.eos_prob, out.tokens.lengths, judged.terms["rec"], judged.threshold
       )
       lambda_eos = eos_weight(state.step)
       total = batch_loss(
-          objective, l_eos, valid, own_length, rec_weight=loss_cfg.rec_weight, lambda_eos=lambda_eos
+          judged.objective,
+          l_eos,
+          valid,
+          own_length,
+          rec_weight=loss_cfg.rec_weight,
+          lambda_eos=lambda_eos,
       )
       vq_loss = out.vq.loss if out.vq is not None else jnp.zeros(())
       total = total + loss_cfg.vq_weight * vq_loss
@@ -238,16 +196,15 @@ def make_train_step(
       )  # lengths without budgets
       logged = dict(
           loss=total,
-          **{name: weighted_mean(value, valid) for name, value in terms.items()},
+          **{name: weighted_mean(value, valid) for name, value in judged.terms.items()},
           eos=weighted_mean(l_eos, own_length),
           vq=vq_loss,
           lambda_eos=lambda_eos,
-          eos_threshold=threshold,
+          eos_threshold=losses.threshold_value(state.eos_threshold),
           **length_metrics(predicted, valid, max_tokens),
+          **judged.logged,
       )
-      if region_threshold:
-        logged["region_threshold"] = losses.threshold_value(state.region_threshold)
-      return total, (logged, recon, records)
+      return total, (logged, recon, judged.records)
 
     (_, (terms, recon, records)), grads = jax.value_and_grad(
         vqgan_loss_fn if vqgan_only else loss_fn, has_aux=True
@@ -276,8 +233,6 @@ def make_train_step(
         grad_norm=optax.global_norm(grads),
         learning_rate=learning_rate(state.step),
     )
-    if query:
-      metrics["query_kept"] = weighted_mean(query["kept"].astype(jnp.float32), valid)
     buffers = {
         name: losses.threshold_update(getattr(state, name), *record)
         for name, record in records.items()
@@ -293,49 +248,3 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def drop_queries(rng: jax.Array, batch: dict, drop_rate: float) -> dict:
-  """Empties each image's query with probability `drop_rate` (Q-DOVE trains half its images without one);
-  an emptied query's relevant region becomes the whole image.
-
-  -> {query_mask [B, Q]: the query the generator reads; kept [B] bool: the image trains with its query's
-  boxes; has_boxes [B] bool: it has a query with a box, kept or not}.
-  """
-  drop = jax.random.uniform(rng, batch["query_mask"].shape[:1]) < drop_rate  # [B]
-  query_mask = batch["query_mask"] & ~drop[:, None]  # [B, Q]
-  return dict(
-      query_mask=query_mask,
-      kept=boxes.has_query_boxes(batch["box_mask"], query_mask),
-      has_boxes=boxes.has_query_boxes(batch["box_mask"], batch["query_mask"]),
-  )
-
-
-def query_objective(
-    rec_terms, recon: jax.Array, images: jax.Array, batch: dict, kept: jax.Array, query_cfg
-):
-  """Q-DOVE's L_qry per image: L_rec on each box's crop (resampled to `crop_size`), averaged over the
-  image's boxes, plus `outside_weight` (lambda_o) times the MSE outside every box; for an image whose query
-  was dropped (`kept` [B] False), the whole image's L_rec.
-
-  Returns (terms, objective, region_rec): the per-image parts of the relevant region's L_rec ([B] each) plus
-  outside_mse; L_qry [B]; and [B] L_rec on the query's boxes whether the query was kept or not (what an image
-  without its query reaches there: the "region" threshold).
-  """
-  b, height, width, _ = images.shape
-  region, region_mask = boxes.relevant_boxes(batch["boxes"], batch["box_mask"], batch["query_mask"])
-  k, size = region.shape[1], query_cfg.crop_size
-
-  def crops(x):  # [B, H, W, 3] -> [B * K, size, size, 3]
-    return boxes.crop_and_resize(x, region, size).reshape(b * k, size, size, x.shape[-1])
-
-  per_box = rec_terms(crops(recon), crops(images))  # [B * K] each
-  in_boxes = {
-      name: losses.mean_over_boxes(value.reshape(b, k), region_mask)
-      for name, value in per_box.items()
-  }
-  whole = rec_terms(recon, images)  # [B] each
-  terms = {name: jnp.where(kept, in_boxes[name], whole[name]) for name in whole}
-  inside = boxes.union_mask(region, region_mask, height, width) | ~kept[:, None, None]  # [B, H, W]
-  terms["outside_mse"] = losses.outside_mse(recon, images, inside)
-  return terms, terms["rec"] + query_cfg.outside_weight * terms["outside_mse"], in_boxes["rec"]
