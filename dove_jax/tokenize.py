@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,9 +60,8 @@ from dove_jax.models.dove import DOVE
 
 # Tokens are float noise to a compressor; uncompressed, one record a group, reads are one seek each.
 WRITER_OPTIONS = "group_size:1,uncompressed"
-BATCHES_AHEAD = (
-    2  # encoded batches waiting for the writer thread: the encoder never waits on a write
-)
+# Encoded batches waiting for the writer thread, so that the encoder never waits on a write.
+BATCHES_AHEAD = 2
 BUILTIN_SIZES = (64, 256)  # the built-in data set's configs
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -76,7 +76,8 @@ class Settings:
     dtype: the storage dtype of the tokens: float32, bfloat16 or float16.
     images_per_shard: consecutive images per shard (the unit of resuming).
     query: Q-DOVE's text query for every image ("" = none: the whole image).
-    query_tokenizer, query_tokenizer_path, query_max_length: how the query becomes ids (`text.load_tokenizer`).
+    query_tokenizer, query_tokenizer_path, query_max_length: how the query becomes ids
+      (`text.load_tokenizer`).
   """
 
   budget: int = 0
@@ -98,9 +99,8 @@ class ImageSource:
 
   records: Any  # a random-access source
   description: dict  # kind, name, split, folder...: part of the settings a resumed run must match
-  ids: Sequence[str] | None = (
-      None  # the id of each image (a folder's relative paths); None: the index
-  )
+  # The id of each image (a folder's relative paths); None: its index.
+  ids: Sequence[str] | None = None
   classes: Sequence[str] | None = None  # the label names; None: no labels
 
 
@@ -289,12 +289,18 @@ def merged_manifest(out: Path, process_count: int) -> dict | None:
 # -- encoding ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(xla.jit, static_argnames=("graphdef", "dtype"))
-def _encode(graphdef, params, images, budget, query, dtype):
-  """-> tokens [B, n, D] in the storage dtype, lengths [B], eos_prob [B, n]. At module level, so that every
-  run of one model in a process shares the compiled program."""
-  tokens = nnx.merge(graphdef, params).encode(images, budget, **query)
-  return tokens.tokens.astype(dtype), tokens.lengths, tokens.eos_prob
+@functools.lru_cache(maxsize=4)
+def compiled_encode(graphdef: nnx.GraphDef, dtype: np.dtype):
+  """encode(params, images, budget, query) -> tokens [B, n, D] in `dtype`, lengths [B], eos_prob [B, n],
+  jitted. Cached by model structure, so that every run of one model in a process (the tests, a notebook)
+  shares the compiled program; looked up once a run, as hashing a GraphDef costs milliseconds."""
+
+  @xla.jit
+  def encode(params, images, budget, query):
+    tokens = nnx.merge(graphdef, params).encode(images, budget, **query)
+    return tokens.tokens.astype(dtype), tokens.lengths, tokens.eos_prob
+
+  return encode
 
 
 def query_arguments(model: DOVE, settings: Settings, batch_size: int) -> dict[str, np.ndarray]:
@@ -332,12 +338,12 @@ def make_encode(model: DOVE, settings: Settings, batch_size: int):
   params = jax.device_put(params, replicated)
   budget = jax.device_put(np.full(batch_size, settings.budget, np.int32), split)  # [B]
   query = jax.device_put(query_arguments(model, settings, batch_size), split)
-  dtype = STORAGE_DTYPES[settings.dtype]
+  compiled = compiled_encode(graphdef, STORAGE_DTYPES[settings.dtype])
   images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), np.float32)
-  token_dim = _encode.eval_shape(graphdef, params, images, budget, query, dtype=dtype)[0].shape[-1]
+  token_dim = compiled.eval_shape(params, images, budget, query)[0].shape[-1]
 
   def encode(images: np.ndarray):
-    return _encode(graphdef, params, jax.device_put(images, split), budget, query, dtype=dtype)
+    return compiled(params, jax.device_put(images, split), budget, query)
 
   return encode, token_dim
 
@@ -353,6 +359,7 @@ class ShardWriter:
   def __init__(self, out: Path, manifest: dict, manifest_path: Path, source: ImageSource, progress):
     self.out, self.manifest, self.manifest_path = out, manifest, manifest_path
     self.source, self.progress = source, progress
+    # The manifest's own shard dicts: filling them in fills in the manifest.
     self.pending = collections.deque(
         shard for shard in manifest["shards"] if shard["state"] != "done"
     )
@@ -454,16 +461,15 @@ def length_summary(manifest: dict, lengths: np.ndarray) -> dict:
   on_disk = sum(shard["bytes"] for shard in manifest["shards"])
   padding = int(np.sum(arguments["max_tokens"] - lengths)) * token_bytes
   count = max(len(lengths), 1)
+  values = lengths if len(lengths) else np.zeros(1, np.int64)  # every image skipped: zeros
   return {
       "images": len(lengths),
       "skipped": manifest["counts"]["skipped"],
-      "mean": float(np.mean(lengths)) if len(lengths) else 0.0,
-      "std": float(np.std(lengths)) if len(lengths) else 0.0,
-      "percentiles": {
-          str(p): float(np.percentile(lengths, p)) if len(lengths) else 0.0 for p in PERCENTILES
-      },
-      "min": int(lengths.min(initial=arguments["max_tokens"])),
-      "max": int(lengths.max(initial=0)),
+      "mean": float(np.mean(values)),
+      "std": float(np.std(values)),
+      "percentiles": {str(p): float(np.percentile(values, p)) for p in PERCENTILES},
+      "min": int(values.min()),
+      "max": int(values.max()),
       "tokens": int(lengths.sum()),
       "tokens_per_image": float(lengths.sum() / count),
       "max_tokens": arguments["max_tokens"],
@@ -478,7 +484,8 @@ def length_summary(manifest: dict, lengths: np.ndarray) -> dict:
 
 
 def write_summary(out: Path, manifest: dict) -> dict:
-  """Writes manifest.json (merged), lengths.json and lengths.png; returns the summary."""
+  """Writes manifest.json (merged), lengths.json and lengths.png; returns the summary. Every file appears
+  whole (a temporary, renamed), as two processes finishing at once both write them."""
   from dove_jax.evaluation import plots
 
   write_json(out / MANIFEST, manifest)
@@ -486,7 +493,9 @@ def write_summary(out: Path, manifest: dict) -> dict:
   summary = length_summary(manifest, lengths)
   write_json(out / SUMMARY, summary)
   if len(lengths):
-    plots.length_histogram(lengths, summary["max_tokens"], out / "lengths.png")
+    temporary = out / f"lengths.{uuid.uuid4().hex}.png"
+    plots.length_histogram(lengths, summary["max_tokens"], temporary)
+    temporary.replace(out / "lengths.png")
   return summary
 
 
@@ -649,7 +658,11 @@ def main(argv: list[str]) -> None:
   """Runs the command line whose flags `FLAGS` holds (parsed)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not console.verbose():  # dove_jax's lines and every warning; the libraries' INFO logs with -v
+  if not console.verbose():
+    # As train.py and eval.py print: dove_jax's lines bare and every warning; the libraries' INFO logs
+    # with -v. (console.configure would also import TensorFlow, 8 s that nothing here needs.)
+    if not flags.FLAGS["showprefixforinfo"].present:
+      flags.FLAGS.showprefixforinfo = False
     absl_logging.get_absl_handler().addFilter(console.ours_or_warning)
   settings = Settings(
       budget=_BUDGET.value,

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import grain
-import jax
 import ml_dtypes
 import numpy as np
 import pytest

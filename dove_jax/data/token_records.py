@@ -1,7 +1,7 @@
 """Pre-tokenized data sets (`python -m dove_jax.tokenize`): the record format, a reader, and fixed-shape
 batches for a model that reads the tokens (padded to a bucket, or packed into windows).
 
-  records = read_tokens("tokens/shapes")     # records[i]: tokens [length, D], length, eos_prob, index, id, label
+  records = read_tokens("tokens/shapes")  # records[i]: tokens [length, D], length, eos_prob, index, id, label
   padded = grain.MapDataset.source(records).batch(
       32, batch_fn=functools.partial(pad_to_bucket, max_tokens=records.max_tokens, bucket_sizes=(16, 32)))
   windows = pack(grain.MapDataset.source(records).shuffle(seed=0).to_iter_dataset(), window=1024)
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -80,8 +81,9 @@ def shard_name(index: int, count: int, process: int) -> str:
 
 
 def write_json(path: Path, value) -> None:
-  """Writes `path` atomically: a reader (or a killed run's successor) sees the old file or the new one."""
-  temporary = path.with_name(path.name + ".tmp")
+  """Writes `path` atomically: a reader (or a killed run's successor) sees the old file or the new one,
+  also when several processes write it."""
+  temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own, whoever else writes
   temporary.write_text(json.dumps(value, indent=1) + "\n")
   os.replace(temporary, path)
 
