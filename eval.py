@@ -9,6 +9,8 @@
   python eval.py --workdir runs/dove --probe_dataset cifar10 --probe_data_dir /data/tfds
                                                                        linear probe on CIFAR-10 (train -> test)
   python eval.py --workdir out --config configs/dove.py:tiny             the shipped tiny DOVE (weights/tiny)
+  python eval.py --workdir out --config configs/dove.py:tiny --model weights/tiny/dove
+                                                                       a model folder (the same model)
 
 Without --config the run's own config (workdir/config.json) is used, and `--config.x.y=...` overrides its
 fields as it would a config file's. Writes workdir/eval/metrics.json and PNGs (or to --out). The protocol
@@ -21,11 +23,13 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 from dove_jax import console, xla
 from dove_jax.evaluation import run
 from dove_jax.tensor_io import ConversionError
+from dove_jax.weights import MODEL_WEIGHTS, read_model_arguments
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "the training run: its checkpoints/ and config.json (required)"
@@ -33,6 +37,12 @@ _WORKDIR = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
 _WEIGHTS = flags.DEFINE_string(
     "weights", None, "evaluate this .safetensors weights file instead of a checkpoint"
+)
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "evaluate this model folder (config.json + model.safetensors, from save_pretrained or "
+    "python -m dove_jax.export): its architecture replaces config.model; --config gives the data",
 )
 _INCEPTION = flags.DEFINE_string(
     "inception", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for rFID"
@@ -129,12 +139,25 @@ def shipped_weights(config, workdir: str) -> str | None:
   return str(path) if same_model and path.is_file() else None
 
 
+def with_model_folder(config, directory: str):
+  """(config with the folder's model arguments as config.model, the folder's weights file)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = read_model_arguments(directory)
+  config.lock()
+  return config, str(Path(directory).expanduser() / MODEL_WEIGHTS)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.configure()
   try:
-    weights = _WEIGHTS.value or shipped_weights(flags.FLAGS.config, _WORKDIR.value)
+    config, weights = flags.FLAGS.config, _WEIGHTS.value
+    if _MODEL.value:
+      if _WEIGHTS.value or _STEP.value is not None:
+        raise ValueError("give --model, --weights or --step, not more than one")
+      config, weights = with_model_folder(config, _MODEL.value)
+    weights = weights or shipped_weights(config, _WORKDIR.value)
     probe_settings = run.ProbeSettings(
         per_class=_PROBE_PER_CLASS.value,
         dataset=_PROBE_DATASET.value,
@@ -143,7 +166,7 @@ def main(argv):
         eval_split=_PROBE_EVAL_SPLIT.value,
     )
     results = run.evaluate(
-        flags.FLAGS.config,
+        config,
         _WORKDIR.value,
         step=_STEP.value,
         weights=weights,

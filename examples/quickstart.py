@@ -1,11 +1,12 @@
 """Encode and decode a few images at the model's own lengths and at forced budgets.
 
-  python examples/quickstart.py                         # the shipped tiny DOVE, synthetic images
-  python examples/quickstart.py --config configs/dove.py --weights dove.safetensors
+  python examples/quickstart.py                           # the shipped tiny DOVE, synthetic images
+  python examples/quickstart.py --model models/my_dove    # a model folder (python -m dove_jax.export)
+  python examples/quickstart.py --config configs/dove.py  # the paper's model on random weights
 
-The tiny preset loads the DOVE shipped in weights/tiny (trained on the built-in data set); another config
-without --weights runs on random weights, whose lengths and reconstructions mean nothing: the run then
-shows only the API, the shapes and the speed of one compiled encode/decode that serves every length.
+A model folder holds everything the model needs (config.json + model.safetensors). With --config the model
+has random weights, whose lengths and reconstructions mean nothing: the run then shows only the API, the
+shapes and the speed of one compiled encode/decode that serves every length.
 """
 
 import argparse
@@ -18,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dove_jax import DOVE, load_weights
+from dove_jax import DOVE
 
-SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "dove.safetensors"
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "dove"
 
 
 def load_config(spec: str):
@@ -46,18 +47,19 @@ def main():
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
-  parser.add_argument("--config", default="configs/dove.py:tiny")
   parser.add_argument(
-      "--weights",
-      help="a .safetensors file from dove_jax.convert or dove_jax.export "
-      "(default for configs/dove.py:tiny: the shipped weights/tiny/dove.safetensors)",
+      "--model", default=str(SHIPPED), help="a model folder (default: the shipped tiny DOVE)"
+  )
+  parser.add_argument(
+      "--config", help="a config file[:preset]: its model on random weights instead"
   )
   args = parser.parse_args()
-  config = load_config(args.config)
-  model = DOVE(**config.model, rngs=nnx.Rngs(config.seed))
-  weights = args.weights or (SHIPPED if args.config == "configs/dove.py:tiny" else None)
-  if weights:
-    print(load_weights(model, weights))
+  if args.config:
+    model = DOVE(**load_config(args.config).model, rngs=nnx.Rngs(0))
+    print(f"{args.config}: random weights")
+  else:
+    model = DOVE.from_pretrained(args.model)
+    print(f"{args.model}: {model.image_size} px, up to {model.max_tokens} tokens")
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -66,8 +68,8 @@ def main():
     tokens = model.encode(images, budget)
     return tokens.lengths, model.decode(tokens)
 
-  images = jnp.asarray(synthetic_images(config.model.image_size))
-  n = config.model.max_tokens
+  images = jnp.asarray(synthetic_images(model.image_size))
+  n = model.max_tokens
   for budget in [0, n // 8, n // 2, n]:  # 0: the model's own lengths
     start = time.perf_counter()
     lengths, recon = jax.block_until_ready(

@@ -225,14 +225,24 @@ def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_p
 def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
     data_dir, tmp_path, monkeypatch, counted_inception
 ):
-  """Two evaluations of the shipped tiny DOVE with rFID (Inception replaced by cheap features, counted): the
+  """Two evaluations of the shipped tiny DOVE's model folder with rFID (Inception replaced by cheap features, counted): the
   first runs Inception over the real batch and the 3 reconstructions (predicted, 64, VQ-GAN), the second over
   the reconstructions only, and both give the same rFID."""
   from configs import dove
   from dove_jax.evaluation import fid, run
 
+  sys.path.insert(0, str(ROOT))
+  import eval as eval_script
+
   monkeypatch.setattr(fid, "load_inception", lambda path: "the Inception model")
   config = dove.get_config("tiny")
+  # Through the shipped model folder (eval.py --model), whose arguments replace the config's model.
+  tiny_model = config.model.to_dict()
+  config.model.token_dim = 8
+  config, model_weights = eval_script.with_model_folder(config, str(dove.SHIPPED / "tiny" / "dove"))
+  folder_model = config.model.to_dict()
+  assert all(folder_model[name] == value for name, value in tiny_model.items() if name != "dtype")
+  config.unlock()
   config.data.data_dir, config.data.global_batch_size, config.train.compilation_cache = (
       str(data_dir),
       8,
@@ -246,7 +256,7 @@ def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
         run.evaluate(
             config,
             tmp_path,
-            weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"),
+            weights=model_weights,
             budgets=[64],
             inception=str(weights),
             max_batches=1,

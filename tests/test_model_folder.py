@@ -46,3 +46,20 @@ def test_a_folder_whose_config_and_tensors_disagree_is_refused(model, tmp_path):
   (tmp_path / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="config.json not found: not a model folder"):
     DOVE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["dove", "qdove"])
+def test_the_shipped_folders_hold_the_tiny_presets_models(name):
+  """weights/tiny/dove and qdove (whose model.safetensors link to the shipped weights files) describe the
+  tiny presets' models, and load to the weights those files hold."""
+  from configs import dove, qdove
+  from dove_jax import load_weights
+  from dove_jax.weights import shaped_model
+
+  preset = (dove if name == "dove" else qdove).get_config("tiny")
+  loaded = DOVE.from_pretrained(dove.SHIPPED / "tiny" / name)
+  expected = shaped_model(lambda: DOVE(**preset.model, rngs=nnx.Rngs(0)))
+  assert json.loads(loaded.arguments) == json.loads(expected.arguments)
+  load_weights(expected, dove.SHIPPED / "tiny" / f"{name}.safetensors")
+  for a, b in zip(jax.tree.leaves(nnx.state(expected)), jax.tree.leaves(nnx.state(loaded))):
+    np.testing.assert_array_equal(a, b)

@@ -46,7 +46,9 @@ def test_quickstart_runs_every_budget_through_one_compiled_function():
   result = run("examples/quickstart.py")
   assert result.returncode == 0, result.stderr
   report, *lines = result.stdout.strip().splitlines()
-  assert "weights/tiny/dove.safetensors" in report  # the shipped tiny DOVE, by default
+  assert (
+      "weights/tiny/dove: 64 px, up to 64 tokens" in report
+  )  # the shipped tiny DOVE's folder, by default
   assert [line.split(":")[0].strip() for line in lines] == [
       "predicted",
       "budget 8",
