@@ -44,6 +44,7 @@ from absl import logging as absl_logging
 from array_record.python import array_record_module
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from dove_jax import console, weights, xla
 from dove_jax.data import pipeline, sources
@@ -531,14 +532,14 @@ def tokenize(
   Raises ValueError for an `out` of another model or other settings (naming what differs) or a setting
   the model cannot take; FileNotFoundError for a missing model folder or data set.
   """
-  from tqdm import tqdm
-
   if settings.dtype not in STORAGE_DTYPES:
     raise ValueError(f"dtype {settings.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
   if settings.images_per_shard < 1 or batch_size < 1:
     raise ValueError("images_per_shard and batch_size must be at least 1")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} is not one of the {process_count} processes")
   model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
   model = DOVE.from_pretrained(model_dir)
   if settings.eos_threshold is not None:

@@ -266,7 +266,7 @@ def test_killed_and_rerun_every_image_is_there_once(model_dir, folder, tmp_path)
   records = token_records.read_tokens(out)
   assert sorted(records[i]["index"] for i in range(len(records))) == list(range(NUM_IMAGES))
   assert {name: (out / name).stat().st_mtime_ns for name in done} == kept  # not written again
-  assert not list(out.glob("*.tmp"))
+  assert not list(out.glob("*.array_record.tmp"))
 
 
 def test_an_unreadable_image_is_skipped_and_listed(model_dir, tmp_path, capsys):
