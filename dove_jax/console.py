@@ -57,11 +57,13 @@ def import_tensorflow_quietly() -> None:
       sys.stderr.write("".join(record for record in records if not NATIVE_START_UP.match(record)))
 
 
-def configure(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Quiets the libraries unless `verbose()`."""
+def configure(flag_values: flags.FlagValues = flags.FLAGS, tensorflow: bool = True) -> None:
+  """Quiets the libraries unless `verbose()`; `tensorflow`: import it now, quietly (a tool that never
+  imports it, as the tokenizer, saves the 8 s)."""
   if verbose(flag_values):
     return
-  import_tensorflow_quietly()
+  if tensorflow:
+    import_tensorflow_quietly()
   if not flag_values["showprefixforinfo"].present:
     flag_values.showprefixforinfo = False  # absl's own switch: INFO lines without time and file
   absl_logging.get_absl_handler().addFilter(ours_or_warning)

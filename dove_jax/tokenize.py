@@ -18,8 +18,9 @@ manifest; re-running the same command after a crash (kill -9 too) redoes only th
 image is in exactly one record. An OUT written by another model or with other settings is refused, naming
 what differs. An unreadable image is skipped and listed in the manifest.
 
-Several processes (or machines): the same command with --process_index i --process_count P (by default
-jax.process_index() and jax.process_count()). Process i writes shards i, i + P, ... and its own manifest
+Several processes (or machines): the same command on each, with jax.distributed initialised from the
+environment as train.py does (a coordinator address, SLURM, Open MPI), or with --process_index i
+--process_count P (by default jax.process_index() and jax.process_count()). Process i writes shards i, i + P, ... and its own manifest
 (manifest.process-i-of-P.json); whichever finishes last merges them into manifest.json and writes the
 summary. Within a process the batch is split over its local devices.
 """
@@ -58,6 +59,7 @@ from dove_jax.data.token_records import (
     write_json,
 )
 from dove_jax.models.dove import DOVE
+from dove_jax.training.mesh import maybe_initialize_distributed
 
 # Tokens are float noise to a compressor; uncompressed, one record a group, reads are one seek each.
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -495,7 +497,8 @@ def write_summary(out: Path, manifest: dict) -> dict:
   write_json(out / SUMMARY, summary)
   if len(lengths):
     temporary = out / f"lengths.{uuid.uuid4().hex}.png"
-    plots.length_histogram(lengths, summary["max_tokens"], temporary)
+    label = "forced length" if manifest["settings"]["budget"] else "predicted length"
+    plots.length_histogram(lengths, summary["max_tokens"], temporary, label=label)
     temporary.replace(out / "lengths.png")
   return summary
 
@@ -659,12 +662,9 @@ def main(argv: list[str]) -> None:
   """Runs the command line whose flags `FLAGS` holds (parsed)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not console.verbose():
-    # As train.py and eval.py print: dove_jax's lines bare and every warning; the libraries' INFO logs
-    # with -v. (console.configure would also import TensorFlow, 8 s that nothing here needs.)
-    if not flags.FLAGS["showprefixforinfo"].present:
-      flags.FLAGS.showprefixforinfo = False
-    absl_logging.get_absl_handler().addFilter(console.ours_or_warning)
+  # As train.py and eval.py print, without importing TensorFlow, which nothing here needs.
+  console.configure(tensorflow=False)
+  maybe_initialize_distributed()  # several hosts: each process then tokenizes its own shards
   settings = Settings(
       budget=_BUDGET.value,
       eos_threshold=_EOS_THRESHOLD.value,

@@ -73,17 +73,19 @@ def reconstructions(
   _save(figure, path)
 
 
-def length_histogram(lengths: np.ndarray, max_tokens: int, path: str | Path) -> None:
-  """Counts of the predicted lengths [N], one bar per length 1..max_tokens."""
+def length_histogram(
+    lengths: np.ndarray, max_tokens: int, path: str | Path, label: str = "predicted length"
+) -> None:
+  """Counts of the lengths [N] (`label`: which ones), one bar per length 1..max_tokens."""
   plt = _pyplot()
   counts = np.bincount(lengths, minlength=max_tokens + 1)[1:]
   figure, axis = plt.subplots(figsize=(7, 4))
   axis.bar(np.arange(1, max_tokens + 1), counts, width=1.0)
   axis.set_xlim(0.5, max_tokens + 0.5)
-  axis.set_xlabel("predicted length (tokens)")
+  axis.set_xlabel(f"{label} (tokens)")
   axis.set_ylabel("images")
   axis.set_title(
-      f"predicted lengths of {len(lengths)} images: mean {np.mean(lengths):.1f}, "
+      f"{label}s of {len(lengths)} images: mean {np.mean(lengths):.1f}, "
       f"std {np.std(lengths):.1f}"
   )
   _save(figure, path)
