@@ -35,3 +35,18 @@ def shared_compilation_cache(tmp_path_factory):
   see this: the test process read JAX's settings when it imported jax."""
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("compilation_cache"))
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, builtin_data_dir):
+  """(workdir, the finished process) of one tiny DOVE run for 3 steps from the command line, with its own
+  compilation cache (not the tests' shared one): the run that the training tests read and eval.py and
+  export start from, trained once for all of them."""
+  from test_training import python, train_command
+
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.delenv("JAX_COMPILATION_CACHE_DIR")
+    result = python(train_command(workdir, builtin_data_dir, 3, "--config.train.log_every=1"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result

@@ -1,4 +1,6 @@
-"""eval.py end to end: a 2-step tiny run, evaluated from the command line, and its clean error exits."""
+"""train.py, eval.py and export end to end: the tests' 3-step tiny run (conftest.tiny_run), what it
+recorded and printed, its evaluation and export from the command line, and their clean error exits.
+"""
 
 import json
 import re
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_console import tensorboard_tags
 from test_eval_metrics import counted_inception  # noqa: F401 (a fixture)
 from test_training import python
 
@@ -19,24 +22,36 @@ def data_dir(builtin_data_dir):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_dir):
-  """A tiny run trained for 2 steps by train.py: a checkpoint and the run's config.json."""
-  workdir = tmp_path_factory.mktemp("run")
-  result = python(
-      [
-          "train.py",
-          "--config",
-          "configs/dove.py:tiny",
-          f"--workdir={workdir}",
-          "--config.train.num_steps=2",
-          f"--config.data.data_dir={data_dir}",
-          "--config.data.global_batch_size=8",
-          "--config.train.eval_batches=1",
-          "--config.loss.lpips_weight=0",
-      ]
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+def run_dir(tiny_run):
+  """The tests' tiny run (3 steps of train.py): a checkpoint and the run's config.json."""
+  return tiny_run[0]
+
+
+def test_three_step_tiny_run_from_the_command_line(tiny_run):
+  run, result = tiny_run  # with its own compilation cache, not the tests' shared one
+  assert (run / "checkpoints" / "3").is_dir()
+  assert list((run / "compilation_cache").glob("jit_train_step-*")), "the train step was not cached"
+  assert json.loads((run / "config.json").read_text())["model"]["image_size"] == 64
+  recorded = tensorboard_tags(run)
+  for name in (
+      "train/rec",
+      "train/lpips",
+      "train/eos",
+      "train/length_mean",
+      "train/eos_threshold",
+      "train/lambda_eos",
+      "train/grad_norm",
+      "train/learning_rate",
+      "eval/mse",
+  ):
+    assert name in recorded, f"{name} not in TensorBoard"
+  # Quiet by default: a progress line per logged step (with its mean length), no library's INFO lines.
+  printed = (result.stdout + result.stderr).splitlines()
+  progress = [line for line in printed if line.startswith("step ")]
+  assert [line.split(":")[0] for line in progress] == ["step 1/3", "step 2/3", "step 3/3"], printed
+  assert all(re.search(r", length \d", line) for line in progress), progress
+  # The tiny preset's 2,500 steps print these others, 50 progress lines and 5 evaluations': <= 60 lines.
+  assert len(printed) - len(progress) <= 6, printed
 
 
 def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
@@ -63,7 +78,7 @@ def test_eval_writes_every_figure_and_plot(run_dir, data_dir):
 
   out = run_dir / "eval"
   results = json.loads((out / "metrics.json").read_text())
-  assert results["model"] == {"checkpoint": str(run_dir / "checkpoints"), "step": 2}
+  assert results["model"] == {"checkpoint": str(run_dir / "checkpoints"), "step": 3}
   assert results["settings"]["num_images"] == 16 and results["settings"]["budgets"] == [16, 32, 64]
   conventions = results["settings"]["conventions"]
   assert conventions == run.conventions(uint8=True) and "[0, 1]" in conventions["ssim"]
@@ -279,13 +294,17 @@ def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
 
 
 def test_export_writes_a_run_as_a_model_folder(run_dir, tmp_path):
-  from dove_jax import DOVE
+  from dove_jax import DOVE, portable
 
   result = python(["-m", "dove_jax.export", f"--workdir={run_dir}", f"--out={tmp_path / 'model'}"])
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"of step 2 to {tmp_path / 'model'}" in result.stdout
+  assert f"of step 3 to {tmp_path / 'model'}" in result.stdout
   model = DOVE.from_pretrained(tmp_path / "model")
   assert model.max_tokens == 64 and model.image_size == 64
+  assert all(  # the portable encode and decode, by default
+      (tmp_path / "model" / name).is_file()
+      for name in (portable.ENCODE_FILE, portable.DECODE_FILE, portable.PORTABLE_CONFIG)
+  )
   result = python(
       ["-m", "dove_jax.export", f"--workdir={run_dir}", f"--out={tmp_path / 'vq'}", "--part=vqgan"]
   )

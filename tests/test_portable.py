@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -115,13 +114,3 @@ def test_a_qdove_encodes_with_its_query(tmp_path):
   np.testing.assert_allclose(tokens, expected.tokens, rtol=0, atol=1e-5)
   np.testing.assert_array_equal(mask, expected.mask)
   np.testing.assert_array_equal(lengths, expected.lengths)
-
-
-def test_the_export_command_writes_the_portable_functions_by_default():
-  from absl import flags
-
-  from dove_jax import export  # defines its flags
-
-  assert (
-      flags.FLAGS["portable"].default is True and export.export_portable is portable.export_portable
-  )

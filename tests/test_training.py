@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from test_checkpoint import truncate
-from test_console import tensorboard_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,36 +267,6 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir):
   ):  # parameters, both optimizers' moments, threshold buffer, rng
     np.testing.assert_array_equal(a, b)
   assert any(np.abs(a).max() > 0 for a in params_a)
-
-
-def test_three_step_tiny_run_from_the_command_line(tmp_path, data_dir, monkeypatch):
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the run's own cache, not the tests' shared one
-  result = python(train_command(tmp_path / "run", data_dir, 3, "--config.train.log_every=1"))
-  assert result.returncode == 0, result.stderr[-3000:]
-  run = tmp_path / "run"
-  assert (run / "checkpoints" / "3").is_dir()
-  assert list((run / "compilation_cache").glob("jit_train_step-*")), "the train step was not cached"
-  assert json.loads((run / "config.json").read_text())["model"]["image_size"] == 64
-  recorded = tensorboard_tags(run)
-  for name in (
-      "train/rec",
-      "train/lpips",
-      "train/eos",
-      "train/length_mean",
-      "train/eos_threshold",
-      "train/lambda_eos",
-      "train/grad_norm",
-      "train/learning_rate",
-      "eval/mse",
-  ):
-    assert name in recorded, f"{name} not in TensorBoard"
-  # Quiet by default: a progress line per logged step (with its mean length), no library's INFO lines.
-  printed = (result.stdout + result.stderr).splitlines()
-  progress = [line for line in printed if line.startswith("step ")]
-  assert [line.split(":")[0] for line in progress] == ["step 1/3", "step 2/3", "step 3/3"], printed
-  assert all(re.search(r", length \d", line) for line in progress), progress
-  # The tiny preset's 2,500 steps print these others, 50 progress lines and 5 evaluations': <= 60 lines.
-  assert len(printed) - len(progress) <= 6, printed
 
 
 def test_eos_term_is_a_mean_over_the_images_at_their_own_length():
