@@ -50,3 +50,13 @@ def tiny_run(tmp_path_factory, builtin_data_dir):
     result = python(train_command(workdir, builtin_data_dir, 3, "--config.train.log_every=1"))
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
+
+
+# pytest-xdist hands whole files to its workers in collection order: the slowest files go first, so that
+# none is left running alone on one worker at the end.
+SLOWEST_FIRST = ("test_training.py", "test_qdove.py", "test_eval_run.py", "test_fidelity.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))
