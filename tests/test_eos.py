@@ -25,7 +25,7 @@ def reference_length(p: np.ndarray) -> int:
   return len(p)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(probs)
 def test_length_is_first_firing_slot_and_mask_is_prefix(p):
   mask, lengths = jax.device_get(eos_mask(jnp.asarray(p), threshold=THRESHOLD))
@@ -36,7 +36,7 @@ def test_length_is_first_firing_slot_and_mask_is_prefix(p):
   assert mask[:, 0].all(), "every image keeps at least its first slot"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(probs, st.data())
 def test_budget_forces_exactly_k(p, data):
   b, n = p.shape
@@ -48,7 +48,7 @@ def test_budget_forces_exactly_k(p, data):
   np.testing.assert_array_equal(mask.sum(1), expected)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(probs, st.data())
 def test_dropped_slots_are_exactly_zero_and_kept_ones_unchanged(p, data):
   b, n = p.shape
