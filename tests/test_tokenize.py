@@ -236,7 +236,9 @@ app.run(tokenize.main, flags_parser=tokenize.parse_flags)
 """
 
 
-def test_killed_and_rerun_every_image_is_there_once(model_dir, folder, tmp_path):
+def test_killed_and_rerun_every_image_is_there_once(model_dir, folder, tokenized, tmp_path):
+  """Killed on 2 devices (each encodes half of every batch) and re-run here on 1: every image once, and
+  the same tokens as the whole run on 1 device."""
   out = tmp_path / "tokens"
   args = [str(a) for a in folder_args(model_dir, folder, out)]
   log = tmp_path / "stderr.txt"
@@ -246,6 +248,7 @@ def test_killed_and_rerun_every_image_is_there_once(model_dir, folder, tmp_path)
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
   manifest = {}
   deadline = time.monotonic() + 120
@@ -267,6 +270,9 @@ def test_killed_and_rerun_every_image_is_there_once(model_dir, folder, tmp_path)
   assert sorted(records[i]["index"] for i in range(len(records))) == list(range(NUM_IMAGES))
   assert {name: (out / name).stat().st_mtime_ns for name in done} == kept  # not written again
   assert not list(out.glob("*.array_record.tmp"))
+  one_device = token_records.read_tokens(tokenized)
+  for i in range(len(records)):
+    np.testing.assert_array_equal(records[i]["tokens"], one_device[i]["tokens"])
 
 
 def test_an_unreadable_image_is_skipped_and_listed(model_dir, tmp_path, capsys):
