@@ -1,7 +1,7 @@
 """The GPU check (issue 21): one prepared command that a session lent a GPU runs once, offline, in ~7 minutes.
 
-  python benchmarks/gpu_check.py --prepare-carry   here, once (needs the package registry): the pure-Python
-                                                   wheels the GPU image lacks, installed into build/gpu_carry
+  python benchmarks/gpu_check.py --prepare-carry   here, once: copies the pure-Python packages the GPU image
+                                                   lacks, as installed here, into build/gpu_carry
   python benchmarks/gpu_check.py                   on the GPU machine (7.5 min budget; see below)
   python benchmarks/gpu_check.py --dry-run         the same sections on this CPU at tiny sizes, in under a
                                                    minute (tests/test_gpu_check.py runs it)
@@ -62,7 +62,6 @@ import sys
 import tempfile
 import time
 import types
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 CARRY_DIR = (
     ROOT / "build" / "gpu_carry"
 )  # build/ is git-ignored; the run tool's carry brings it along
-# Pure-Python distributions the GPU image lacks (versions: those installed here, by --prepare-carry).
+# Pure-Python distributions the GPU image lacks (--prepare-carry copies them as installed here).
 CARRY = (
     "ml-collections",
     "pytest",
@@ -99,6 +98,7 @@ VERSIONS = (  # reported by the environment section: distribution names
     "grain",
     "clu",
     "tensorflow",
+    "tensorflow-cpu",
     "tensorflow-datasets",
     "torch",
 )
@@ -157,7 +157,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
     )
     tests = args.tests or list(TESTS)
     batches = args.batches
-  sections = [("environment", {}, 120.0), ("tests", {"tests": tests}, 240.0)]
+  sections = [("environment", {}, 120.0), ("tests", {"tests": tests}, 180.0)]
   # The first batch, then the tiny training run, then the larger batches (the slowest to compile).
   for i, batch in enumerate(batches):
     sections.append((f"benchmark_{batch}", dict(bench, batch=batch), 300.0))
@@ -330,7 +330,7 @@ def section_environment(spec: dict, result: dict, save) -> None:
       local_device_count=jax.local_device_count(),
       device_kind=devices[0].device_kind,
       devices=[str(d) for d in devices],
-      platform_version=getattr(devices[0].client, "platform_version", None),
+      platform_version=getattr(getattr(devices[0], "client", None), "platform_version", None),
       carry_dir=str(CARRY_DIR) if str(CARRY_DIR) in sys.path else None,
       missing={m: why for m, why in OPTIONAL_MODULES.items() if not importable(m)},
   )
@@ -355,49 +355,38 @@ def section_tests(spec: dict, result: dict, save) -> None:
   if not selected:
     result.update(status="skipped", reason="no test file has what it needs")
     return
-  with tempfile.TemporaryDirectory() as tmp:
-    report = Path(tmp) / "junit.xml"
-    start = time.perf_counter()
-    code = pytest.main(
-        [
-            "-q",
-            "-o",
-            "addopts=-ra",  # not the project's `-n 2` (pytest-xdist may be missing)
-            "-p",
-            "no:cacheprovider",
-            f"--junitxml={report}",
-            *selected,
-        ]
-    )
-    result["seconds"] = time.perf_counter() - start
-    result["exit_code"] = int(code)
-    if not report.exists():
-      result.update(status="failed", reason=f"pytest exited with {int(code)} and wrote no report")
-      return
-    suites = ElementTree.parse(report).getroot()
-  suites = [suites] if suites.tag == "testsuite" else list(suites.iter("testsuite"))
-  counts = {
-      k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")
-  }
-  failures = []
-  for case in (c for s in suites for c in s.iter("testcase")):
-    for outcome in ("failure", "error"):
-      for node in case.findall(outcome):
-        failures.append(
-            {
-                "test": f"{case.get('classname')}::{case.get('name')}",
-                "kind": outcome,
-                "message": (node.get("message") or node.text or "")[:800],
-            }
-        )
-  result.update(
-      total=counts["tests"],
-      passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-      failed=counts["failures"],
-      errors=counts["errors"],
-      skipped=counts["skipped"],
-      failures=failures,
+  counts = dict(total=0, passed=0, failed=0, errors=0, skipped=0)
+  result.update(counts, failures=[])
+
+  class Recorder:
+    """Counts each test's outcome as it comes and saves: a run cut short keeps what finished."""
+
+    def pytest_runtest_logreport(self, report):
+      if report.when == "call" or report.outcome != "passed":  # one outcome per test
+        kind = {
+            ("call", "passed"): "passed",
+            ("call", "failed"): "failed",
+        }.get((report.when, report.outcome), "skipped" if report.skipped else "errors")
+        result[kind] += 1
+        result["total"] += 1
+        if kind in ("failed", "errors"):
+          result["failures"].append(
+              {"test": report.nodeid, "kind": kind, "message": report.longreprtext[-1500:]}
+          )
+        save()
+
+  start = time.perf_counter()
+  code = pytest.main(
+      [
+          *("-q", "-p", "no:cacheprovider"),
+          *("-o", "addopts=-ra"),  # not the project's `-n 2`: pytest-xdist may be missing
+          *selected,
+      ],
+      plugins=[Recorder()],
   )
+  result.update(seconds=time.perf_counter() - start, exit_code=int(code))
+  if int(code) not in (0, 1):  # 1: some tests failed (counted); others: pytest itself could not run
+    result.update(status="failed", reason=f"pytest exited with {code!r}")
 
 
 def section_benchmark(spec: dict, result: dict, save) -> None:
@@ -429,7 +418,10 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
       training_setup=setup,
       device_kind=jax.devices()[0].device_kind,
   )
+  phase_s = result["phase_s"] = {}  # wall time of each part, compiling included
+  start = time.perf_counter()
   peak = spec.get("matmul_peak") or bench_cpu.matmul_peak()
+  phase_s["matmul_peak"] = time.perf_counter() - start
   basis = "bf16_gflops" if "bf16_gflops" in peak else "gflops"
   result.update(
       matmul_peak=peak,
@@ -437,19 +429,23 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
       f"{peak[basis]:.1f} GFLOP/s",
   )
   save()
+  start = time.perf_counter()
   try:
     run = bench_cpu.bench_forward(config, batch, repeats, peak[basis], references=[])
     result.update(encode=run["encode"], decode=run["decode"])
   except Exception as error:  # noqa: BLE001 (out of memory, say): the train step may still run
     result["forward_error"] = error_text(error)
+  phase_s["forward"] = time.perf_counter() - start
   result["device_peak_mib_forward"] = bench_cpu.device_peak_mib()
   save()
+  start = time.perf_counter()
   try:
     result["train_step"], _ = bench_cpu.bench_train_step(
         config, batch, repeats, peak[basis], references=[]
     )
   except Exception as error:  # noqa: BLE001
     result["train_step_error"] = error_text(error)
+  phase_s["train_step"] = time.perf_counter() - start
   result["device_peak_mib"] = bench_cpu.device_peak_mib()
   if "forward_error" in result or "train_step_error" in result:
     result["status"] = "failed"
@@ -587,18 +583,35 @@ def child_environment(cache_dir: str, section: str) -> dict:
 
 
 def prepare_carry() -> None:
-  """pip-installs CARRY (the versions installed here, pure-Python wheels) into CARRY_DIR."""
-  pins = [
-      f"{name}=={distribution_version(name)}" if distribution_version(name) else name
-      for name in CARRY
-  ]
-  command = [
-      *(sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--upgrade"),
-      *("--only-binary=:all:", "--implementation", "py", "--abi", "none", "--platform", "any"),
-      *("--target", str(CARRY_DIR), *pins),
-  ]
-  print(" ".join(command))
-  subprocess.run(command, check=True)
+  """CARRY into CARRY_DIR: each distribution copied as installed here (files and metadata) where it is pure
+  Python; else (hypothesis >= 6.16x ships a compiled core) its newest pure-Python wheel for Python 3.12 from
+  the package registry, through pip."""
+  import shutil
+
+  if CARRY_DIR.exists():
+    shutil.rmtree(CARRY_DIR)
+  from_registry = []
+  for name in CARRY:
+    distribution = importlib.metadata.distribution(name)
+    files = [f for f in distribution.files or () if "__pycache__" not in f.parts]
+    if any(f.suffix in (".so", ".pyd", ".dylib") for f in files):
+      from_registry.append(name)
+      continue
+    for file in files:
+      source = Path(distribution.locate_file(file)).resolve()
+      if source.is_file() and ".." not in file.parts:  # not the console scripts in ../../bin
+        target = CARRY_DIR / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    print(f"{name} {distribution.version}: copied")
+  if from_registry:
+    command = [
+        *(sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target"),
+        *(str(CARRY_DIR), "--only-binary=:all:", "--python-version", "3.12"),
+        *("--implementation", "py", "--abi", "none", "--platform", "any", *from_registry),
+    ]
+    print(" ".join(command))
+    subprocess.run(command, check=True)
   size = sum(f.stat().st_size for f in CARRY_DIR.rglob("*") if f.is_file()) / 2**20
   print(f"{CARRY_DIR}: {size:.1f} MiB; carry it: run(..., carry=['{CARRY_DIR.relative_to(ROOT)}'])")
 
