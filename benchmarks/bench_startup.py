@@ -4,7 +4,7 @@
   python benchmarks/bench_startup.py --paper    + the paper config (~4 min more)
 
 What a training run (train.py) does before its first step, in a fresh process each time: build the model,
-the discriminator and the optimizer state (`loop.build_training`: every initialiser is a small XLA program)
+the discriminator and the optimizer state (`setup.build_training`: every initialiser is a small XLA program)
 and trace and compile the train step. Each config runs twice on one empty cache directory
 (`xla.cache_compiled_programs`, as train.py does with workdir/compilation_cache): the first process
 compiles and stores, the second is what a resumed or repeated run pays. Prints a table and writes JSON.
@@ -33,7 +33,7 @@ def startup(name: str, cache: str, batch: int) -> dict:
   from configs.dove import get_config
   from dove_jax import xla
   from dove_jax.training import mesh as meshlib
-  from dove_jax.training.loop import build_training
+  from dove_jax.training.setup import build_training
 
   xla.cache_compiled_programs(cache)
   config = get_config(PRESETS[name])

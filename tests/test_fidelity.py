@@ -13,7 +13,7 @@ from dove_jax.data import builtin, pipeline
 from dove_jax.evaluation.functions import make_functions
 from dove_jax.evaluation.metrics import psnr_from_mse
 from dove_jax.training import mesh as meshlib
-from dove_jax.training.loop import build_training
+from dove_jax.training.setup import build_training
 
 OVERFIT_STEPS = (
     200  # 0.12 s each on 2 cores; 20.2 dB here (21.8 at 300), 14.0 dB for the mean colours

@@ -61,8 +61,6 @@ def test_benchmark_reports_each_phase(results):
     assert stats["images_per_s"] == pytest.approx(2 / stats["median_s"]), phase
     assert stats["gflop"] > 0 and stats["gflops_per_s"] > 0 and stats["xla_memory_mib"] > 0, phase
     assert 0 < stats["peak_fraction"] < 10, phase
-  # The dry run's benchmark builds its train step with the stand-in the GPU image needs (no grain there).
-  assert bench["training_setup"].startswith("gpu_check.plain_build_training")
 
 
 def test_training_steps_and_its_step_is_the_benchmarks(results):
@@ -70,6 +68,5 @@ def test_training_steps_and_its_step_is_the_benchmarks(results):
   assert training["steps"] == 5 and training["timed_steps"] == 4
   assert training["steps_per_s"] > 0 and training["images_per_s"] > 0
   assert math.isfinite(training["first_loss"]) and math.isfinite(training["final_loss"])
-  assert training["training_setup"] == "dove_jax.training.loop.build_training"
-  # loop.build_training's step loaded from the cache the benchmark's stand-in filled: the same program.
+  # The benchmark's train step, on the shared compilation cache: the same program, loaded.
   assert training["train_step_programs"] == 1 and training["train_step_from_cache"] == 1

@@ -14,7 +14,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, ".")
     from configs import dove
     from dove_jax.training import mesh as meshlib
-    from dove_jax.training.loop import build_training
+    from dove_jax.training.setup import build_training
 
     config = dove.get_config("tiny")
     config.data.global_batch_size = 8

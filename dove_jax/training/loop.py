@@ -7,7 +7,6 @@ the step, the RNG and the input iterator's position).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import signal
@@ -21,17 +20,15 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import losses, xla
-from dove_jax.builders import build_model, data_sources, query_step, query_tokenizer
+from dove_jax import distributed, losses, xla
+from dove_jax.builders import data_sources, query_step, query_tokenizer
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation import metrics as metrics_lib
 from dove_jax.evaluation.functions import make_functions, measured_outside_mse, query_inputs
 from dove_jax.models import remat
-from dove_jax.models.discriminator import PatchDiscriminator
-from dove_jax.training import checkpoint, mesh as meshlib, state as statelib
-from dove_jax.training.objectives import make_objective
-from dove_jax.training.step import make_train_step
+from dove_jax.training import checkpoint, mesh as meshlib
+from dove_jax.training.setup import build_training
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")
 OBJECTIVES = ("dove", "vqgan")  # what the train step optimises: DOVE, or its VQ-GAN alone (stage 1)
@@ -174,66 +171,6 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
   return np.clip((grid + 1) * 127.5, 0, 255).astype(np.uint8)
 
 
-@dataclasses.dataclass
-class TrainingSetup:
-  state: statelib.TrainState  # placed on the mesh
-  shardings: object  # a NamedSharding per state array
-  train_step: object  # jitted (state, global batch, lpips) -> (state, metrics), state donated
-  model_def: nnx.GraphDef
-  lpips: object  # perceptual.LPIPS on every device, or None when its loss weight is 0
-
-
-def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> TrainingSetup:
-  """The initial train state on `mesh` and the compiled step, from the config alone (no data, no workdir)."""
-  from dove_jax.perceptual import load_lpips
-
-  model_def, params = nnx.split(build_model(config))
-  disc_def, disc_params = nnx.split(
-      PatchDiscriminator(
-          base_channels=config.discriminator.base_channels,
-          num_layers=config.discriminator.num_layers,
-          rngs=nnx.Rngs(config.seed + 1),
-      )
-  )
-  optim = config.optim
-  learning_rate = statelib.learning_rate_schedule(
-      optim.learning_rate, optim.warmup_steps, num_steps, optim.final_learning_rate
-  )
-  tx = statelib.optimizer(
-      learning_rate,
-      b1=optim.b1,
-      b2=optim.b2,
-      weight_decay=optim.weight_decay,
-      grad_clip=optim.grad_clip,
-      frozen=tuple(optim.freeze),
-      sgd={"generator/eos_head": optim.eos_head_learning_rate},
-      params=params,
-  )
-  disc_tx = statelib.optimizer(
-      optim.disc_learning_rate, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip=optim.grad_clip
-  )
-  state = statelib.create_state(
-      params,
-      disc_params,
-      tx,
-      disc_tx,
-      threshold_window=config.loss.threshold_window,
-      seed=config.seed,
-      region_threshold="region_threshold" in make_objective(config).buffers,
-  )
-  shardings = meshlib.state_shardings(mesh, state)
-  step = xla.jit(
-      make_train_step(config, model_def, disc_def, tx, disc_tx, learning_rate),
-      in_shardings=(shardings, meshlib.batch_sharding(mesh), None),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
-  lpips = (
-      jax.device_put(load_lpips(), meshlib.replicated(mesh)) if config.loss.lpips_weight else None
-  )
-  return TrainingSetup(jax.device_put(state, shardings), shardings, step, model_def, lpips)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (or resumes) DOVE as `config` says, writing checkpoints and metrics under `workdir`.
   Returns the last logged metrics."""
@@ -242,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   workdir = Path(workdir)
   # ---------------------------------------------------------------------------- devices and config
-  meshlib.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   check_config(config)
   mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -352,12 +289,15 @@ class Evaluator:
   def __init__(self, config, model_def: nnx.GraphDef, eval_source, lpips=None):
     self.max_tokens = config.model.max_tokens
     self.lpips = lpips
+    # Every process evaluates the same batches (whole, not its share): a figure is then one figure on all
+    # of them, and the functions see the same inputs in every process.
     dataset = pipeline.make_dataset(
         eval_source,
         image_size=config.model.image_size,
-        global_batch_size=config.data.global_batch_size,
+        global_batch_size=config.data.global_batch_size * jax.process_count(),
         seed=config.seed,
         train=False,
+        shard_by_process=False,
         query=query_step(config),
     )
     # The same images every time, so the curves compare.
