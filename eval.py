@@ -20,13 +20,15 @@ shows every library's log on stderr too.
 
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from absl import app, flags
+import jax
 import ml_collections
 from ml_collections import config_flags
 
-from dove_jax import console, xla
+from dove_jax import console, distributed, xla
 from dove_jax.evaluation import run
 from dove_jax.tensor_io import ConversionError
 from dove_jax.weights import MODEL_WEIGHTS, read_model_arguments
@@ -152,6 +154,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.configure()
   try:
+    distributed.maybe_initialize_distributed()
     config, weights = flags.FLAGS.config, _WEIGHTS.value
     if _MODEL.value:
       if _WEIGHTS.value or _STEP.value is not None:
@@ -165,6 +168,9 @@ def main(argv):
         train_split=_PROBE_TRAIN_SPLIT.value,
         eval_split=_PROBE_EVAL_SPLIT.value,
     )
+    out = _OUT.value
+    if jax.process_index() > 0:  # every process computes the same figures; process 0 writes them
+      out = tempfile.mkdtemp(prefix=f"eval-process-{jax.process_index()}-")
     results = run.evaluate(
         config,
         _WORKDIR.value,
@@ -174,7 +180,7 @@ def main(argv):
         inception=_INCEPTION.value,
         probe_settings=probe_settings,
         max_batches=_MAX_BATCHES.value,
-        out=_OUT.value,
+        out=out,
         uint8=_UINT8.value,
         class_subset=_CLASS_SUBSET.value,
     )

@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from dove_jax import console, weights, xla
+from dove_jax import console, distributed, weights, xla
 from dove_jax.data import pipeline, sources
 from dove_jax.data.token_records import (
     FORMAT,
@@ -59,7 +59,6 @@ from dove_jax.data.token_records import (
     write_json,
 )
 from dove_jax.models.dove import DOVE
-from dove_jax.training.mesh import maybe_initialize_distributed
 
 # Tokens are float noise to a compressor; uncompressed, one record a group, reads are one seek each.
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -664,7 +663,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # As train.py and eval.py print, without importing TensorFlow, which nothing here needs.
   console.configure(tensorflow=False)
-  maybe_initialize_distributed()  # several hosts: each process then tokenizes its own shards
+  distributed.maybe_initialize_distributed()  # several hosts: each process then tokenizes its own shards
   settings = Settings(
       budget=_BUDGET.value,
       eos_threshold=_EOS_THRESHOLD.value,

@@ -123,8 +123,6 @@ def read_checkpoint_params(
   """The model parameters (`item` of the train state) of checkpoint `step` (default: the latest) in
   `directory` (a run's workdir or its checkpoints/ folder), keyed by parameter path. Returns the step and
   the tensors as a `Source`."""
-  import orbax.checkpoint as ocp
-
   directory = checkpoint_folder(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint folder {directory}")
@@ -133,11 +131,25 @@ def read_checkpoint_params(
     wanted = "any checkpoint" if step is None else f"checkpoint {step}"
     raise FileNotFoundError(f"{wanted} not found in {directory} (steps there: {steps})")
   step = steps[-1] if step is None else step
-  restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")[item]
+  restored = restore_on_one_device(directory / str(step) / "state")[item]
   tensors = {
       param_path(path): value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]
   }
   return step, Source(tensors, f"checkpoint {directory / str(step)}")
+
+
+def restore_on_one_device(path: str | Path):
+  """A saved train state (an orbax StandardCheckpointer folder) on this process's first device, whatever
+  devices or processes saved it."""
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+      checkpointer.metadata(Path(path).absolute()).item_metadata,
+  )
+  return checkpointer.restore(Path(path).absolute(), target)
 
 
 def load_checkpoint_params(

@@ -8,6 +8,7 @@ they are off. Other backends compile with their defaults.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -46,7 +47,32 @@ def jit(fun=None, **jit_kwargs):
   """`jax.jit(fun, **jit_kwargs)` with `compiler_options()`; usable as a decorator, bare or with keywords."""
   if fun is None:
     return lambda f: jit(f, **jit_kwargs)
-  return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+  return Jit(fun, jit_kwargs)
+
+
+class Jit:
+  """`jax.jit(fun, compiler_options=compiler_options(), ...)`, made on first use rather than where it is
+  defined: asking which backend is in use starts the backend, which in a run of several processes must wait
+  for `jax.distributed.initialize`, and a module may define its compiled functions at import. Calls and
+  attributes (`lower`, `eval_shape`, ...) go to the jitted function."""
+
+  def __init__(self, fun, jit_kwargs: dict):
+    self._fun, self._jit_kwargs, self._jitted = fun, jit_kwargs, None
+    functools.update_wrapper(self, fun)
+
+  @property
+  def jitted(self):
+    if self._jitted is None:
+      self._jitted = jax.jit(self._fun, compiler_options=compiler_options(), **self._jit_kwargs)
+    return self._jitted
+
+  def __call__(self, *args, **kwargs):
+    return self.jitted(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    if name.startswith("_"):  # not the jitted function's: no recursion before __init__ has run
+      raise AttributeError(name)
+    return getattr(self.jitted, name)
 
 
 def cache_compiled_programs(directory: str | Path) -> str:

@@ -54,7 +54,13 @@ def tiny_run(tmp_path_factory, builtin_data_dir):
 
 # pytest-xdist hands whole files to its workers in collection order: the slowest files go first, so that
 # none is left running alone on one worker at the end.
-SLOWEST_FIRST = ("test_training.py", "test_qdove.py", "test_eval_run.py", "test_fidelity.py")
+SLOWEST_FIRST = (
+    "test_processes.py",
+    "test_training.py",
+    "test_qdove.py",
+    "test_eval_run.py",
+    "test_fidelity.py",
+)
 
 
 def pytest_collection_modifyitems(items):

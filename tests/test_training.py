@@ -130,11 +130,9 @@ def wait_for_checkpoint(workdir: Path, step: int, process: subprocess.Popen, tim
 
 def final_params(workdir: Path, step: int):
   import jax
-  import orbax.checkpoint as ocp
+  from dove_jax.weights import restore_on_one_device
 
-  restored = ocp.StandardCheckpointer().restore(
-      (workdir / "checkpoints" / str(step) / "state").absolute()
-  )
+  restored = restore_on_one_device(workdir / "checkpoints" / str(step) / "state")
   return jax.tree.leaves(restored["params"]), jax.tree.leaves(restored)
 
 

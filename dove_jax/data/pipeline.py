@@ -209,8 +209,9 @@ def make_dataset(
       dropped. Otherwise one pass in order, centre crops, the last batch padded
       with valid=False examples; `num_epochs` is ignored.
     worker_count: processes that decode and augment; 0 does it in this process (same batches either way).
-    shard_by_process: each JAX process reads every process_count-th example (of the shuffled order, so all
-      processes together see each example once per epoch). False: every process reads everything.
+    shard_by_process: each JAX process reads its block of every global batch (of the shuffled order, so all
+      processes together see each example once per epoch, in the order one process would).
+      False: every process reads everything.
     query: for Q-DOVE, the step that turns each cropped example's regions into a padded query and boxes.
   """
   if global_batch_size % jax.process_count():
@@ -238,9 +239,11 @@ def make_dataset(
     )
   if query is not None:
     dataset = dataset.random_map(query)
-  dataset = (
-      dataset[shard_index::num_shards].map(to_model_input).batch(batch_size, drop_remainder=True)
-  )
+  # Process p takes the p-th block of `batch_size` consecutive examples of each global batch: the global
+  # batch on the mesh is then the same images in the same order whatever the number of processes.
+  dataset = dataset.map(to_model_input).batch(batch_size, drop_remainder=True)[
+      shard_index::num_shards
+  ]
   dataset = dataset.to_iter_dataset(READ_OPTIONS)
   if worker_count:
     if (

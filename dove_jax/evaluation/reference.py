@@ -74,7 +74,9 @@ def reference_statistics(
       return metrics.FeatureStatistics.from_state_dict(stored), path, True
   stats = real_statistics(inception, data)
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_suffix(".partial")
+  partial = path.with_suffix(
+      f".{os.getpid()}.partial"
+  )  # its own: several processes may write at once
   with open(partial, "wb") as file:
     np.savez(file, key=np.asarray(canonical), **stats.state_dict())
   os.replace(

@@ -177,15 +177,18 @@ def describe_data(
 
 
 def batches(source, config: ml_collections.ConfigDict, max_batches: int | None = None):
-  """(iterator, count): `source` in order, centre-cropped, padded to whole batches; at most `max_batches`."""
+  """(iterator, count): `source` in order, centre-cropped, padded to whole batches; at most `max_batches`.
+  Every process reads every batch (not its share): in several processes each computes the same figures.
+  """
   batch_size = config.data.global_batch_size
   dataset = pipeline.make_dataset(
       source,
       image_size=config.model.image_size,
-      global_batch_size=batch_size,
+      global_batch_size=batch_size * jax.process_count(),
       seed=config.seed,
       train=False,
       worker_count=config.data.worker_count,
+      shard_by_process=False,
       query=builders.query_step(config),
   )
   count = -(-len(source) // batch_size)

@@ -6,7 +6,6 @@ over `fsdp` along their largest divisible dimension and replicated over `data`. 
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -14,21 +13,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 2**14  # smaller arrays are cheaper replicated than gathered
-
-
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when the environment describes several hosts (a coordinator address, or a
-  cluster JAX detects: SLURM, Open MPI, Cloud TPU); a single host needs nothing."""
-  if jax.distributed.is_initialized():
-    return
-  markers = (
-      "JAX_COORDINATOR_ADDRESS",
-      "SLURM_JOB_NUM_NODES",
-      "OMPI_COMM_WORLD_SIZE",
-      "TPU_WORKER_HOSTNAMES",
-  )
-  if any(os.environ.get(m) for m in markers):
-    jax.distributed.initialize()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
