@@ -424,9 +424,8 @@ def encode_pending(
   dataset = pipeline.make_dataset(
       sources.Subset(source.records, indices),
       image_size=image_size,
-      # make_dataset gives each process global_batch_size / process_count images a batch: this process
-      # reads its own images (shard_by_process=False), `batch_size` at a time.
-      global_batch_size=batch_size * jax.process_count(),
+      # This process reads its own shards' images (shard_by_process=False), `batch_size` at a time.
+      global_batch_size=batch_size,
       seed=0,
       train=False,
       worker_count=workers,

@@ -202,7 +202,7 @@ def make_dataset(
       records that `decode_image` reads.
     image_size: S, the side of the square images.
     global_batch_size: the batch over all processes; each process yields global_batch_size //
-      jax.process_count() examples per batch.
+      jax.process_count() examples per batch (all of them without `shard_by_process`).
     seed: the shuffle and augmentation seed (training only).
     train: shuffled (differently each epoch), randomly cropped and flipped, repeated for `num_epochs`
       (None: forever); batches run on across epoch boundaries and only the final incomplete one is
@@ -211,21 +211,18 @@ def make_dataset(
     worker_count: processes that decode and augment; 0 does it in this process (same batches either way).
     shard_by_process: each JAX process reads its block of every global batch (of the shuffled order, so all
       processes together see each example once per epoch, in the order one process would).
-      False: every process reads everything.
+      False: every process reads every whole batch (the same batches in each).
     query: for Q-DOVE, the step that turns each cropped example's regions into a padded query and boxes.
   """
-  if global_batch_size % jax.process_count():
-    raise ValueError(
-        f"global_batch_size={global_batch_size} is not a multiple of the "
-        f"{jax.process_count()} processes"
-    )
-  batch_size = global_batch_size // jax.process_count()
   num_shards, shard_index = (
       (jax.process_count(), jax.process_index()) if shard_by_process else (1, 0)
   )
-  examples_per_step = (
-      batch_size * num_shards
-  )  # so that every process makes the same number of batches
+  if global_batch_size % num_shards:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not a multiple of the {num_shards} processes"
+    )
+  batch_size = global_batch_size // num_shards
+  examples_per_step = global_batch_size  # so that every process makes the same number of batches
   dataset = grain.MapDataset.source(source).seed(seed)
   decode = functools.partial(decode_image, with_regions=query is not None)
   if train:

@@ -184,7 +184,7 @@ def batches(source, config: ml_collections.ConfigDict, max_batches: int | None =
   dataset = pipeline.make_dataset(
       source,
       image_size=config.model.image_size,
-      global_batch_size=batch_size * jax.process_count(),
+      global_batch_size=batch_size,
       seed=config.seed,
       train=False,
       worker_count=config.data.worker_count,

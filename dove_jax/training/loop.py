@@ -294,7 +294,7 @@ class Evaluator:
     dataset = pipeline.make_dataset(
         eval_source,
         image_size=config.model.image_size,
-        global_batch_size=config.data.global_batch_size * jax.process_count(),
+        global_batch_size=config.data.global_batch_size,
         seed=config.seed,
         train=False,
         shard_by_process=False,
