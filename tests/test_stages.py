@@ -11,7 +11,7 @@ from dove_jax.convert.pretrained import is_own_weights, load_pretrained
 from dove_jax.tensor_io import ConversionError, param_dict
 from dove_jax.training.step import constants_under
 from dove_jax.weights import save_weights
-from test_dove import tiny_dove
+from test_dove import TINY, tiny_dove
 
 
 def values(model, prefix):
@@ -43,15 +43,7 @@ def test_a_vqgan_file_of_another_config_names_the_parameter(tmp_path):
   save_weights(
       tiny_dove(
           seed=1,
-          vqgan=dict(
-              block_out_channels=(16, 16, 32),
-              layers_per_block=1,
-              latent_channels=8,
-              num_vq_embeddings=64,
-              vq_embed_dim=8,
-              norm_num_groups=8,
-              mid_block_attention=False,
-          ),
+          vqgan={**TINY["vqgan"], "num_vq_embeddings": 64},  # twice the codes
       ),
       path,
       part="vqgan",
