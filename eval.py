@@ -142,9 +142,10 @@ def shipped_weights(config, workdir: str) -> str | None:
 
 
 def with_model_folder(config, directory: str):
-  """(config with the folder's model arguments as config.model, the folder's weights file)."""
+  """(config with the folder's model arguments as config.model, the folder's weights file); the config's
+  model.kernels stays (a folder does not say how the machine computes)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model = read_model_arguments(directory)
+  config.model = dict(read_model_arguments(directory), kernels=config.model.kernels)
   config.lock()
   return config, str(Path(directory).expanduser() / MODEL_WEIGHTS)
 

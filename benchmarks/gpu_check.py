@@ -3,7 +3,8 @@
   python benchmarks/gpu_check.py --prepare-carry   here, once: copies the pure-Python packages the GPU image
                                                    lacks, as installed here, into build/gpu_carry
   python benchmarks/gpu_check.py                   on the GPU machine (7.5 min budget; see below)
-  python benchmarks/gpu_check.py --dry-run         the same sections on this CPU at tiny sizes, in under a
+  python benchmarks/gpu_check.py --dry-run         the same sections on this CPU at tiny sizes, with the
+                                                   kernels a GPU runs (model.kernels = "xla"), in about a
                                                    minute (tests/test_gpu_check.py runs it)
 
 On a machine lent by the `run` tool: `python benchmarks/gpu_check.py` with carry=["build/gpu_carry"] and
@@ -15,7 +16,8 @@ section, so that a run cut short keeps what finished. The sections, in this orde
 own (a section that crashes or runs out of memory cannot take the others down; each benchmark batch gets the
 device's memory to itself, so its peak-memory figure is its own):
 
-  environment   jax / jaxlib / flax / optax / orbax / numpy versions, backend, device kind and count, and
+  environment   jax / jaxlib / flax / optax / orbax / numpy versions, backend, device kind and count, the
+                kernels "auto" picks there (dove_jax/models/kernels.py: "cudnn" on an NVIDIA GPU), and
                 which of the optional packages import (those missing are named with what they cost)
   tests         pytest on the model tests that import only jax / flax / optax / numpy / safetensors /
                 hypothesis (TESTS): passed / failed / errors / skipped, and each failure's first lines
@@ -111,7 +113,7 @@ OPTIONAL_MODULES = {  # module -> what its absence costs here
 # The model tests that import neither TensorFlow nor PyTorch nor grain / clu / tfds (file -> the modules
 # they need beyond pytest, jax, flax and numpy). ~160 s on 2 CPU cores.
 TESTS = {
-    "tests/test_conv.py": (),
+    "tests/test_kernels.py": ("ml_collections",),
     "tests/test_eos.py": ("hypothesis",),
     "tests/test_dove.py": ("safetensors",),
     "tests/test_generation.py": ("safetensors",),
@@ -130,20 +132,26 @@ DRY_RUN_TESTS = (  # a few seconds
 def plan(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
   """(section, its arguments, its own time limit in seconds) in the order they run."""
   if args.dry_run:
-    bench = dict(preset="tiny", repeats=1, dtype="bfloat16", remat="")
+    # The GPU's kernels (plain XLA) on this CPU, so that the path the GPU runs is exercised here too.
+    bench = dict(preset="tiny", repeats=1, dtype="bfloat16", remat="", kernels="xla")
     # bench_train_step's 1000-step schedule and the benchmark's dtype and batch: the same program as the
     # benchmark's train step, which the stand-in built (train_step_from_cache: both build the same step).
-    training = dict(preset="tiny", steps=5, batch=2, schedule_steps=1000, dtype="bfloat16")
+    training = dict(
+        preset="tiny", steps=5, batch=2, schedule_steps=1000, dtype="bfloat16", kernels="xla"
+    )
     tests = list(DRY_RUN_TESTS)
     batches = [2]
   else:
-    bench = dict(preset="paper", repeats=args.repeats, dtype="bfloat16", remat=args.remat)
+    bench = dict(
+        preset="paper", repeats=args.repeats, dtype="bfloat16", remat=args.remat, kernels="auto"
+    )
     training = dict(
         preset="tiny",
         steps=args.train_steps,
         batch=0,
         schedule_steps=0,
         dtype="",
+        kernels="auto",
     )
     tests = args.tests or list(TESTS)
     batches = args.batches
@@ -225,8 +233,11 @@ def error_text(error: BaseException) -> str:
 def section_environment(spec: dict, result: dict, save) -> None:
   import jax
 
+  from dove_jax.models import kernels
+
   devices = jax.devices()
   result.update(
+      kernels_auto=kernels.resolve("auto"),
       python=platform.python_version(),
       platform=platform.platform(),
       versions={name: distribution_version(name) for name in VERSIONS},
@@ -304,7 +315,7 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
   from benchmarks import bench_cpu
 
   config = get_config(spec["preset"])
-  config.model.dtype = spec["dtype"]
+  config.model.dtype, config.model.kernels = spec["dtype"], spec["kernels"]
   if spec["remat"]:
     config.model.remat = spec["remat"]
   if lpips_note:
@@ -315,6 +326,7 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
       batch=batch,
       image_size=config.model.image_size,
       dtype=spec["dtype"] or "float32",
+      kernels=spec["kernels"],
       remat=config.model.remat,
       repeats=repeats,
       lpips=bool(config.loss.lpips_weight),
@@ -369,7 +381,7 @@ def section_training(spec: dict, result: dict, save) -> None:
   config = get_config(spec["preset"])
   if lpips_note and config.loss.lpips_weight:
     config.loss.lpips_weight = 0.0
-  config.model.dtype = spec["dtype"]
+  config.model.dtype, config.model.kernels = spec["dtype"], spec["kernels"]
   batch = spec["batch"] or config.data.global_batch_size
   config.data.global_batch_size = batch
   steps, schedule = spec["steps"], spec["schedule_steps"] or spec["steps"]
@@ -378,6 +390,7 @@ def section_training(spec: dict, result: dict, save) -> None:
       batch=batch,
       image_size=config.model.image_size,
       dtype=spec["dtype"] or "float32",
+      kernels=spec["kernels"],
       steps=steps,
       schedule_steps=schedule,
       lpips=bool(config.loss.lpips_weight),

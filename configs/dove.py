@@ -52,6 +52,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # What the backward pass keeps of each VQ-GAN resnet block and transformer block (memory for compute):
   # "none", "save_matmuls" (recompute norms and activations) or "blocks" (recompute whole blocks).
   config.model.remat = "none"
+  # How convolutions, norms and attention are computed (dove_jax/models/kernels.py): "auto" = kernels shaped
+  # for XLA's CPU on a CPU, plain XLA (cuDNN attention in bf16) on a GPU; "cpu", "xla" or "cudnn" force one.
+  config.model.kernels = "auto"
 
   # Pretrained weights, read from local paths (nothing is downloaded).
   config.init = ml_collections.ConfigDict()

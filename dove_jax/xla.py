@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -36,6 +37,8 @@ MALLOC_VARIABLES = (
     "GLIBC_TUNABLES",
     *MIMALLOC_OPTIONS,
 )  # any one set by the user: no restart
+# Where JAX finds a GPU (CUDA, ROCm) or TPU backend: plugins under the jax_plugins namespace or entry point.
+ACCELERATOR_MODULES = ("jax_plugins", "libtpu")
 TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -128,12 +131,24 @@ def mimalloc_library() -> Path | None:
   return library if library.exists() else None
 
 
+def cpu_backend_expected() -> bool:
+  """Whether JAX will compute on its CPU backend, told without starting it (the malloc restart comes first):
+  JAX_PLATFORMS names cpu first, or it names nothing and no GPU or TPU plugin is installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not importlib.metadata.entry_points(group="jax_plugins") and not any(
+      importlib.util.find_spec(name) for name in ACCELERATOR_MODULES
+  )
+
+
 def fast_malloc_environment() -> dict[str, str]:
   """The environment variables of the malloc that DOVE's CPU programs run best under (see
   `restart_with_fast_malloc`): mimalloc preloaded and keeping what is freed; without its wheel, glibc's
-  huge-page tunable; {} where neither applies (not Linux, no glibc or transparent huge pages for the tunable).
+  huge-page tunable; {} where neither applies (not Linux, no glibc or transparent huge pages for the tunable)
+  or where JAX will not compute on the CPU (the malloc serves XLA's CPU runtime alone).
   """
-  if platform.system() != "Linux":
+  if platform.system() != "Linux" or not cpu_backend_expected():
     return {}
   library = mimalloc_library()
   if library is not None:

@@ -42,6 +42,7 @@ def test_environment_names_versions_and_devices(results):
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
     assert env["versions"][name], name
   assert env["backend"] == "cpu" and env["device_count"] >= 1 and env["device_kind"]
+  assert env["kernels_auto"] == "cpu"  # on the GPU machine: "cudnn"
   assert isinstance(env["missing"], dict)
 
 
@@ -54,6 +55,7 @@ def test_the_tests_pass(results):
 def test_benchmark_reports_each_phase(results):
   bench = results["sections"]["benchmark_2"]
   assert bench["batch"] == 2 and bench["dtype"] == "bfloat16" and bench["lpips"] is False
+  assert bench["kernels"] == "xla"  # what a GPU runs, here on the CPU
   assert results["matmul_peak"]["gflops"] > 0
   for phase in ("encode", "decode", "train_step"):
     stats = bench[phase]
@@ -65,7 +67,7 @@ def test_benchmark_reports_each_phase(results):
 
 def test_training_steps_and_its_step_is_the_benchmarks(results):
   training = results["sections"]["training"]
-  assert training["steps"] == 5 and training["timed_steps"] == 4
+  assert training["steps"] == 5 and training["timed_steps"] == 4 and training["kernels"] == "xla"
   assert training["steps_per_s"] > 0 and training["images_per_s"] > 0
   assert math.isfinite(training["first_loss"]) and math.isfinite(training["final_loss"])
   # The benchmark's train step, on the shared compilation cache: the same program, loaded.

@@ -13,7 +13,7 @@ from flax import nnx
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
 from dove_jax.convert.neox import check_neox_config, load_pythia, read_embed_in
-from dove_jax.models.neox import PYTHIA_14M, PYTHIA_70M, NeoXTransformer, dot_product_attention
+from dove_jax.models.neox import PYTHIA_14M, PYTHIA_70M, NeoXTransformer
 from dove_jax.tensor_io import ConversionError, param_dict, read_tensors
 
 BATCH, LENGTH, VOCAB = 2, 40, 64
@@ -150,43 +150,6 @@ def test_last_outputs_only_match_the_full_output(pythia, causal):
     )(state, x)
   assert last.shape == (BATCH, 15, 128)
   np.testing.assert_allclose(last, full[:, -15:], atol=1e-5)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("length,mask_rows", [(12, False), (130, False), (130, True)])
-def test_attention_matches_jax_nn(causal, length, mask_rows):
-  """130 long and causal: in query blocks (33, 33, 33, 31), each against the keys it can see."""
-  q, k, v = (
-      jax.random.normal(key, (2, length, 3, 8)) for key in jax.random.split(jax.random.key(0), 3)
-  )
-  mask = jnp.asarray(np.arange(length)[None] >= np.array([[0], [4]]))[
-      :, None, None, :
-  ]  # [B, 1, 1, L]
-  if mask_rows:  # a mask with a row per query: [B, 1, T, L]
-    mask = mask & jax.random.bernoulli(jax.random.key(2), 0.8, (2, 1, length, length))
-  seen = mask & (np.tril(np.ones((length, length), bool)) if causal else True)
-  # A query that sees no key (the padded row's first under causal attention) gets a meaningless output.
-  sees_any = jnp.any(seen, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
-  with jax.default_matmul_precision("highest"):
-    expected = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-    np.testing.assert_allclose(
-        jnp.where(sees_any, dot_product_attention(q, k, v, mask, is_causal=causal), 0),
-        jnp.where(sees_any, expected, 0),
-        atol=1e-6,
-    )
-    # Same gradients too (the softmax's max shift carries none).
-    probe = jnp.where(sees_any, jax.random.normal(jax.random.key(1), q.shape), 0)
-    grads = [
-        jax.grad(
-            lambda *qkv: jnp.sum(attend(*qkv, mask=mask, is_causal=causal) * probe), (0, 1, 2)
-        )(q, k, v)
-        for attend in (dot_product_attention, jax.nn.dot_product_attention)
-    ]
-    for ours, theirs in zip(*grads):
-      np.testing.assert_allclose(ours, theirs, atol=1e-5)
-  assert np.isfinite(
-      dot_product_attention(q, k, v, jnp.zeros((1, 1, 1, length), bool))
-  ).all()  # no key at all
 
 
 def test_bfloat16_compute(pythia):

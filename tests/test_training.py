@@ -97,6 +97,17 @@ def test_named_weights_or_from_scratch_pass_the_init_check():
   check_config(qdove.get_config("tiny"))
 
 
+def test_a_wrong_kernels_name_fails_before_any_compute():
+  from configs import dove
+  from dove_jax.training.loop import check_config
+
+  config = dove.get_config("tiny")
+  config.model.kernels = "gpu"
+  message = "config.model.kernels = 'gpu'; expected one of ('auto', 'cpu', 'xla', 'cudnn')"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    check_config(config)
+
+
 @pytest.fixture(scope="module")
 def data_dir(builtin_data_dir):
   return builtin_data_dir

@@ -263,30 +263,3 @@ def test_quantizer_under_jit():
     np.testing.assert_allclose(
         np.asarray(getattr(compiled, name)), np.asarray(getattr(eager, name)), rtol=1e-6
     )
-
-
-def test_upsample_conv_is_conv_of_the_upsampled_image():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))  # odd, non-square: every border phase
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 6, 4))
-  bias = jax.random.normal(jax.random.key(2), (4,))
-
-  def reference(x, kernel, bias):
-    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [2, 10, 14, 6]
-    return (
-        jax.lax.conv_general_dilated(
-            upsampled, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        + bias
-    )
-
-  with jax.default_matmul_precision("highest"):
-    ours = vqgan.upsample_conv3x3(x, kernel, bias)
-    assert ours.shape == (2, 10, 14, 4)
-    np.testing.assert_allclose(ours, reference(x, kernel, bias), atol=1e-5)
-    probe = jax.random.normal(jax.random.key(3), ours.shape)
-    grads = [
-        jax.grad(lambda *args: jnp.sum(f(*args) * probe), (0, 1, 2))(x, kernel, bias)
-        for f in (vqgan.upsample_conv3x3, reference)
-    ]
-    for g_ours, g_ref in zip(*grads):
-      np.testing.assert_allclose(g_ours, g_ref, atol=1e-4)

@@ -157,3 +157,24 @@ def test_without_mimalloc_glibc_gets_huge_pages(monkeypatch):
   assert xla.fast_malloc_environment() == {}
   monkeypatch.setattr(xla.platform, "system", lambda: "Darwin")
   assert xla.fast_malloc_environment() == {}
+
+
+def test_no_malloc_restart_where_jax_computes_on_an_accelerator(monkeypatch):
+  """The malloc serves XLA's CPU runtime: a process that will run on a GPU or TPU is not restarted."""
+  monkeypatch.setattr(xla, "mimalloc_library", lambda: Path("/lib/libmimalloc.so"))
+  monkeypatch.setattr(xla.platform, "system", lambda: "Linux")
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert xla.cpu_backend_expected()  # this machine: no accelerator plugin
+  assert xla.fast_malloc_environment()["LD_PRELOAD"] == "/lib/libmimalloc.so"
+  for platforms, on_cpu in (
+      ("cuda", False),
+      ("tpu,cpu", False),
+      ("cpu", True),
+      (" cpu ,cuda", True),
+  ):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert xla.cpu_backend_expected() == on_cpu
+    assert bool(xla.fast_malloc_environment()) == on_cpu
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(xla.importlib.util, "find_spec", lambda name: name == "jax_plugins" or None)
+  assert not xla.cpu_backend_expected() and xla.fast_malloc_environment() == {}

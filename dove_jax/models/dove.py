@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dove_jax import weights
-from dove_jax.models import buckets, eos, neox
+from dove_jax.models import buckets, eos, kernels as kernels_lib, neox
 from dove_jax.models.generator import TokenGenerator
 from dove_jax.models.quantizer import QuantizerOutput
 from dove_jax.models.token_decoder import TokenDecoder
@@ -76,6 +76,9 @@ class DOVE(nnx.Module):
     dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
     remat: what the backward pass keeps of each VQ-GAN resnet block and transformer block: "none",
       "save_matmuls" or "blocks" (see `dove_jax.models.remat`).
+    kernels: "auto" (by the backend), "cpu", "xla" or "cudnn": how the convolutions, norms and attention
+      are computed (see `dove_jax.models.kernels`). Not saved by `save_pretrained`: it belongs to the machine
+      a model runs on, not to the model.
     query_vocab_size: > 0 makes a Q-DOVE: the size of the query tokenizer's vocabulary (257 for the byte
       tokenizer, Pythia's 50304 for its GPT-NeoX tokenizer, whose embedding then starts the query's).
   """
@@ -96,72 +99,77 @@ class DOVE(nnx.Module):
       dtype=None,
       remat: str = "none",
       query_vocab_size: int = 0,
+      kernels: str = "auto",
       rngs: nnx.Rngs,
   ):
     # Every keyword argument but rngs (taken before any is rebound, so a new one is saved too) as JSON, a
     # static string that keeps the graph hashable: what `save_pretrained` writes to rebuild this model.
-    arguments = {name: value for name, value in locals().items() if name not in ("self", "rngs")}
+    arguments = {
+        name: value for name, value in locals().items() if name not in ("self", "rngs", "kernels")
+    }
     arguments["dtype"] = str(jnp.dtype(dtype)) if dtype else None
     self.arguments = json.dumps(
         arguments, sort_keys=True, default=dict
     )  # ConfigDicts as plain dicts
-    vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
-    downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
-    if image_size % downsample:
-      raise ValueError(
-          f"image_size {image_size} is not a multiple of the VQGAN's downsampling {downsample}"
-      )
-    dtype = jnp.dtype(dtype) if dtype else None
-    self.image_size = image_size
-    self.max_tokens = max_tokens
-    self.eos_threshold = eos_threshold
-    self.quantize_features = quantize_features
-    self.requantize_output = requantize_output
-    latent_dim = vqgan["vq_embed_dim"]
-    generator = dict(_transformer_kwargs(generator), remat=remat)
-    self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
-    grid_size = image_size // downsample
-    self.generator = TokenGenerator(
-        feature_dim=latent_dim,
-        grid_size=grid_size,
-        max_tokens=max_tokens,
-        transformer=generator,
-        eos_bias_init=eos_bias_init,
-        token_dim=token_dim,
-        dtype=dtype,
-        rngs=rngs,
-    )
-    self.token_decoder = TokenDecoder(
-        token_dim=token_dim or generator["d_model"],
-        latent_dim=latent_dim,
-        grid_size=grid_size,
-        transformer=dict(_transformer_kwargs(decoder), remat=remat),
-        dtype=dtype,
-        rngs=rngs,
-    )
-    # H_q: query tokens in the generator's input space (Pythia's own input embedding when converted).
-    self.query_embed = (
-        nnx.Embed(
-            query_vocab_size,
-            generator["d_model"],
-            embedding_init=nnx.initializers.normal(0.02),
-            rngs=rngs,
+    with kernels_lib.use(kernels):  # what every submodule built here computes with
+      vqgan = dict(AMUSED_VQGAN if vqgan is None else vqgan)
+      downsample = 2 ** (len(vqgan["block_out_channels"]) - 1)
+      if image_size % downsample:
+        raise ValueError(
+            f"image_size {image_size} is not a multiple of the VQGAN's downsampling {downsample}"
         )
-        if query_vocab_size
-        else None
-    )
+      dtype = jnp.dtype(dtype) if dtype else None
+      self.image_size = image_size
+      self.max_tokens = max_tokens
+      self.eos_threshold = eos_threshold
+      self.quantize_features = quantize_features
+      self.requantize_output = requantize_output
+      latent_dim = vqgan["vq_embed_dim"]
+      generator = dict(_transformer_kwargs(generator), remat=remat)
+      self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
+      grid_size = image_size // downsample
+      self.generator = TokenGenerator(
+          feature_dim=latent_dim,
+          grid_size=grid_size,
+          max_tokens=max_tokens,
+          transformer=generator,
+          eos_bias_init=eos_bias_init,
+          token_dim=token_dim,
+          dtype=dtype,
+          rngs=rngs,
+      )
+      self.token_decoder = TokenDecoder(
+          token_dim=token_dim or generator["d_model"],
+          latent_dim=latent_dim,
+          grid_size=grid_size,
+          transformer=dict(_transformer_kwargs(decoder), remat=remat),
+          dtype=dtype,
+          rngs=rngs,
+      )
+      # H_q: query tokens in the generator's input space (Pythia's own input embedding when converted).
+      self.query_embed = (
+          nnx.Embed(
+              query_vocab_size,
+              generator["d_model"],
+              embedding_init=nnx.initializers.normal(0.02),
+              rngs=rngs,
+          )
+          if query_vocab_size
+          else None
+      )
 
   # -- the public API -----------------------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, directory: str | Path) -> DOVE:
-    """The model a `save_pretrained` folder holds (config.json + model.safetensors), nothing else needed.
+  def from_pretrained(cls, directory: str | Path, kernels: str = "auto") -> DOVE:
+    """The model a `save_pretrained` folder holds (config.json + model.safetensors), nothing else needed,
+    computing with `kernels` (see the class's arguments).
 
     Raises FileNotFoundError naming a missing file, ValueError naming every parameter whose tensor does not
     fit the config (with both shapes).
     """
     arguments = weights.read_model_arguments(directory)
-    model = weights.shaped_model(lambda: cls(**arguments, rngs=nnx.Rngs(0)))
+    model = weights.shaped_model(lambda: cls(**arguments, kernels=kernels, rngs=nnx.Rngs(0)))
     weights.load_weights(model, Path(directory) / weights.MODEL_WEIGHTS)
     return model
 

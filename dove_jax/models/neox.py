@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dove_jax.models import remat as remat_lib
+from dove_jax.models import kernels, remat as remat_lib
 from dove_jax.models.norms import LayerNorm
 
 PYTHIA_14M = dict(num_layers=6, d_model=128, num_heads=4, mlp_dim=512)
@@ -55,66 +55,6 @@ def layer_norm(d_model: int, eps: float, *, rngs: nnx.Rngs) -> LayerNorm:
   return LayerNorm(d_model, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
 
 
-CAUSAL_BLOCKS = 4  # query blocks of a causal self-attention (see dot_product_attention)
-MIN_CAUSAL_BLOCK = 32  # shorter blocks cost more in per-op overhead than they save
-
-
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, is_causal: bool = False
-) -> jax.Array:
-  """softmax(q k^T / sqrt(H)) v, as `jax.nn.dot_product_attention` (q [B, T, N, H], k and v [B, L, N, H],
-  mask broadcasting to [B, N, T, L], True = attend) but about twice as fast on XLA's CPU backend: heads go
-  first so both products are plain batched matmuls, and the softmax is normalised after the product with v,
-  dividing [B, N, T, H] rather than [B, N, T, L]. Logits and the softmax are float32 whatever the dtype; a
-  query that sees no key gets a finite (uniform) output, not NaN.
-
-  Causal attention (is_causal) runs in CAUSAL_BLOCKS blocks of queries, each against the keys
-  up to its last query only: about 5/8 of the logits of the whole [T, L] square (none of which the mask
-  would keep), each block's small enough to stay in cache. Tiny generator's attention ([8, 320, 4, 16]):
-  forward 8.0 -> 6.2 ms, value and gradient 16.4 -> 11.6 ms; paper ([1, 512, 8, 64]) 6.3 -> 4.6 and 19.2 ->
-  13.7 ms.
-  """
-  if not is_causal:
-    return _attention(q, k, v, mask)
-  length = q.shape[1]
-  block = -(-length // CAUSAL_BLOCKS)
-  block = block if block >= MIN_CAUSAL_BLOCK else length  # short sequences: one block
-  outputs = []
-  for start in range(0, length, block):
-    stop = min(start + block, length)
-    keys = min(stop, k.shape[1])  # query i sees keys 0..i: none past the block's last query
-    seen = causal_mask(stop - start, keys, start)  # [T_block, keys]
-    if mask is not None:  # its rows (if it has them) and keys of this block
-      rows = slice(start, stop) if mask.shape[-2] > 1 else slice(None)
-      seen = mask[..., rows, :keys] & seen
-    outputs.append(_attention(q[:, start:stop], k[:, :keys], v[:, :keys], seen))
-  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)  # [B, T, N, H]
-
-
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """dot_product_attention, a given mask only (q [B, T, N, H], k and v [B, L, N, H]) -> [B, T, N, H]."""
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))  # [B, N, T or L, H]
-  logits = jnp.matmul(
-      q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32
-  )  # [B, N, T, L]
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  # The max only keeps exp in range and cancels in the normalisation: no gradient through it, which spares
-  # the backward pass the compare-and-select ops of max's gradient over all of [B, N, T, L].
-  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  weights = jnp.exp(logits - shift)  # [B, N, T, L], unnormalised
-  out = jnp.matmul(weights.astype(v.dtype), v) / jnp.sum(weights, axis=-1, keepdims=True).astype(
-      v.dtype
-  )
-  return jnp.swapaxes(out, 1, 2)  # [B, T, N, H]
-
-
-def causal_mask(num_queries: int, num_keys: int, offset) -> jax.Array:
-  """[T, L] bool: query i, at index offset + i of the sequence, sees keys 0..offset + i."""
-  return jnp.arange(num_keys)[None, :] <= offset + jnp.arange(num_queries)[:, None]
-
-
 class KVCache(NamedTuple):
   """One causal block's keys and values for a whole sequence, [B, L_total, N, H] each; static shape, filled
   chunk by chunk, so one compiled loop serves every length."""
@@ -129,7 +69,7 @@ class NeoXBlock(nnx.Module):
   `causal` is fixed at construction so the attention kernel can specialise on it; padding comes per call
   through `key_mask`; a query that sees no valid key (a padded slot under left padding and causal
   attention) gets a finite but meaningless output. LayerNorms always run in float32 and the attention softmax
-  is float32 (see `dot_product_attention`), so a bfloat16 `dtype` only lowers the matmuls; the
+  is float32 (see `kernels.attention`), so a bfloat16 `dtype` only lowers the matmuls; the
   residual stream keeps the input's dtype.
   """
 
@@ -153,6 +93,7 @@ class NeoXBlock(nnx.Module):
     self.rotary_dim = int(self.head_dim * rotary_pct)  # int() truncates, as transformers does
     self.rotary_base = rotary_base
     self.causal = causal
+    self.kernels = kernels.current()
     self.attn_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
     self.mlp_norm = layer_norm(d_model, layer_norm_eps, rngs=rngs)
     self.qkv = nnx.Linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
@@ -178,12 +119,14 @@ class NeoXBlock(nnx.Module):
         None if key_mask is None else key_mask[:, None, None, :]
     )  # [B, 1, 1, L] over [B, N, T, L]
     if num_outputs is None or num_outputs == length:
-      return self.residual(x, dot_product_attention(q, k, v, mask=mask, is_causal=self.causal))
+      return self.residual(x, self.attention(q, k, v, mask, self.causal))
     q, x = q[:, -num_outputs:], x[:, -num_outputs:]  # [B, T, N, H], [B, T, D]
     if self.causal:
-      seen = causal_mask(num_outputs, length, length - num_outputs)[None, None]  # [1, 1, T, L]
+      seen = kernels.causal_mask(num_outputs, length, length - num_outputs)[
+          None, None
+      ]  # [1, 1, T, L]
       mask = seen if mask is None else mask & seen
-    return self.residual(x, dot_product_attention(q, k, v, mask=mask))
+    return self.residual(x, self.attention(q, k, v, mask))
 
   def residual(self, x: jax.Array, attended: jax.Array) -> jax.Array:
     """The parallel residual of queries x [B, T, D] with their attention outputs [B, T, N, H]."""
@@ -232,12 +175,14 @@ class NeoXBlock(nnx.Module):
     # A static offset (the prefix) reads only the keys up to its chunk's end: sliced, not masked.
     seen = offset + chunk if isinstance(offset, int) else cache.keys.shape[1]
     mask = (
-        causal_mask(chunk, seen, offset)[None, None] & key_mask[:, None, None, :seen]
+        kernels.causal_mask(chunk, seen, offset)[None, None] & key_mask[:, None, None, :seen]
     )  # [B, 1, C, seen]
-    out = dot_product_attention(
-        q, cache.keys[:, :seen], cache.values[:, :seen], mask=mask
-    )  # [B, C, N, H]
+    out = self.attention(q, cache.keys[:, :seen], cache.values[:, :seen], mask)  # [B, C, N, H]
     return self.residual(x, out), cache
+
+  def attention(self, q, k, v, mask, is_causal: bool = False) -> jax.Array:
+    """`kernels.attention` with this block's kernels: q [B, T, N, H], k and v [B, L, N, H] -> [B, T, N, H]."""
+    return kernels.attention(q, k, v, mask, is_causal, self.kernels)
 
   def mlp(self, x: jax.Array) -> jax.Array:
     return self.mlp_out(jax.nn.gelu(self.mlp_in(x), approximate=False))

@@ -1,12 +1,6 @@
 """GroupNorm and LayerNorm: Flax's modules (same parameters, same options), with PyTorch's two-pass variance
-and sums written so that XLA's CPU compiler fuses them with what they sum.
-
-Why not Flax's own: XLA's CPU compiler splits every reduction longer than 32 into a tree of `reduce-window`s
-(its tree-reduction rewriter), and a reduce-window fuses with nothing, so each statistic first writes the
-whole tensor it sums (the centred activations, their squares) and reads it back. Summing 32 neighbours first,
-behind an optimisation barrier that keeps XLA from merging the two stages back into one long reduction, fuses
-that first stage with its producer and leaves a 32x smaller tensor to the tree (what that buys:
-docs/performance.md).
+and float32 statistics, summed by `kernels.sum_over` (on the CPU, in a form XLA's CPU compiler fuses with
+what it sums).
 """
 
 from __future__ import annotations
@@ -15,23 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-FUSED_SUM_WIDTH = (
-    32  # the longest reduction XLA's CPU compiler leaves whole (and fuses with its producer)
-)
+from dove_jax.models import kernels
 
 
-def fused_sum(x: jax.Array, axis: int) -> jax.Array:
-  """x summed over `axis` (dropped), by groups of up to 32 neighbours first (see the module's docstring)."""
-  axis %= x.ndim
-  size = x.shape[axis]
-  width = max(d for d in range(1, FUSED_SUM_WIDTH + 1) if size % d == 0)
-  if size > FUSED_SUM_WIDTH and width > 1:
-    x = x.reshape(x.shape[:axis] + (size // width, width) + x.shape[axis + 1 :]).sum(axis + 1)
-    x = jax.lax.optimization_barrier(x)
-  return x.sum(axis)
-
-
-class GroupNorm(nnx.GroupNorm):
+class GroupNorm(kernels.UsesKernels, nnx.GroupNorm):
   """`nnx.GroupNorm` over [B, ..., C] (statistics per image and group of channels), two-pass variance as
   torch's GroupNorm; float32 statistics whatever the input dtype."""
 
@@ -44,7 +25,10 @@ class GroupNorm(nnx.GroupNorm):
     count = flat.shape[1] * per_group
 
     def group_mean(v):  # [B, P, C] -> [B, 1, C]: each channel's group mean
-      means = fused_sum(v, 1).reshape(b, self.num_groups, per_group).sum(-1) / count  # [B, G]
+      means = (
+          kernels.sum_over(v, 1, self.kernels).reshape(b, self.num_groups, per_group).sum(-1)
+          / count
+      )  # [B, G]
       return jnp.repeat(means, per_group, axis=1)[:, None]
 
     centered, inverse_std = _centered(flat, group_mean, self.epsilon)  # [B, P, C], [B, 1, C]
@@ -53,7 +37,7 @@ class GroupNorm(nnx.GroupNorm):
     return y.reshape(x.shape).astype(self.dtype or y.dtype)
 
 
-class LayerNorm(nnx.LayerNorm):
+class LayerNorm(kernels.UsesKernels, nnx.LayerNorm):
   """`nnx.LayerNorm` over the last axis, two-pass variance as torch's; float32 statistics."""
 
   def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
@@ -61,7 +45,9 @@ class LayerNorm(nnx.LayerNorm):
       raise NotImplementedError("dove_jax LayerNorm: the last axis only, no mask or axis_name")
     width = x.shape[-1]
     centered, inverse_std = _centered(
-        x.astype(jnp.float32), lambda v: fused_sum(v, -1)[..., None] / width, self.epsilon
+        x.astype(jnp.float32),
+        lambda v: kernels.sum_over(v, -1, self.kernels)[..., None] / width,
+        self.epsilon,
     )
     y = _affine(self, centered * inverse_std, 1.0)
     return y.astype(self.dtype or y.dtype)

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dove_jax.models import remat as remat_lib
-from dove_jax.models.conv import Conv, conv2d
+from dove_jax.models import kernels, remat as remat_lib
 from dove_jax.models.norms import GroupNorm
 from dove_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -33,6 +32,15 @@ def group_norm(channels: int, *, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
   return GroupNorm(
       channels, num_groups=num_groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs
   )
+
+
+class Conv(kernels.UsesKernels, nnx.Conv):
+  """nnx.Conv (same parameters) for stride-1 convolutions with explicit padding, by `kernels.conv2d`."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, Ci] -> [B, H', W', Co]
+    x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+    padding = ((0, 0), (0, 0)) if self.padding == "VALID" else self.padding
+    return kernels.conv2d(x, kernel, padding, self.kernels) + bias
 
 
 def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
@@ -127,43 +135,17 @@ class Downsample(nnx.Module):
     return self.conv(x)
 
 
-def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-  """A 3-tap axis of a kernel -> the 2-tap kernels of output phases 0 and 1 after nearest x2 upsampling.
-
-  Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i; output row 2i+1 reads input rows
-  i, i, i+1; so phase 0 applies taps (k0, k1 + k2) to rows (i-1, i) and phase 1 (k0 + k1, k2) to (i, i+1).
-  """
-  k0, k1, k2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
-  return jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)
-
-
-def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """conv3x3(nearest_upsample_x2(x)) without building the upsampled image: four 2x2 convolutions of x, one
-  per output phase, interleaved. 16 instead of 36 multiply-adds per output and input channel; the same
-  function up to float rounding. [B, H, W, C] x [3, 3, C, O] -> [B, 2H, 2W, O]."""
-  b, h, w, _ = x.shape
-  pads = ((1, 0), (0, 1))  # phase 0 reads the row (column) before, phase 1 the one after
-  phases = [
-      [
-          conv2d(x, taps, (pads[row], pads[col]))  # [B, H, W, O]
-          for col, taps in enumerate(_phase_taps(row_taps, 1))
-      ]
-      for row, row_taps in enumerate(_phase_taps(kernel, 0))
-  ]
-  y = jnp.stack([jnp.stack(cols, axis=3) for cols in phases], axis=2)  # [B, H, 2, W, 2, O]
-  return y.reshape(b, 2 * h, 2 * w, -1) + bias
-
-
 class Upsample(nnx.Module):
-  """Nearest-neighbour x2 upsampling, then a 3x3 conv (diffusers' Upsample2D with use_conv=True), computed
-  by `upsample_conv3x3` (2-2.5x faster than convolving the upsampled image on the CPU, forward and
-  backward)."""
+  """Nearest-neighbour x2 upsampling, then a 3x3 conv (diffusers' Upsample2D with use_conv=True), by
+  `kernels.upsample_conv3x3` (on the CPU without building the upsampled image)."""
 
   def __init__(self, channels: int, *, rngs: nnx.Rngs):
     self.conv = conv3x3(channels, channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, 2H, 2W, C]
-    return upsample_conv3x3(x, self.conv.kernel[...], self.conv.bias[...])
+    return kernels.upsample_conv3x3(
+        x, self.conv.kernel[...], self.conv.bias[...], self.conv.kernels
+    )
 
 
 class Stage(nnx.Module):

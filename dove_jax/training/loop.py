@@ -26,7 +26,7 @@ from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation import metrics as metrics_lib
 from dove_jax.evaluation.functions import make_functions, measured_outside_mse, query_inputs
-from dove_jax.models import remat
+from dove_jax.models import kernels, remat
 from dove_jax.training import checkpoint, mesh as meshlib
 from dove_jax.training.setup import build_training
 
@@ -42,6 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "loss.gan_kind": (config.loss.gan_kind, losses.GAN_KINDS),
       "loss.eos_weight_kind": (config.loss.eos_weight_kind, losses.SCHEDULE_KINDS),
       "model.dtype": (config.model.dtype, ("", "float32", "bfloat16")),
+      "model.kernels": (config.model.kernels, kernels.CHOICES),
       "model.remat": (config.model.remat, tuple(remat.POLICIES)),
       "train.objective": (config.train.objective, OBJECTIVES),
   }

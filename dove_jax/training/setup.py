@@ -12,6 +12,7 @@ from flax import nnx
 
 from dove_jax import xla
 from dove_jax.builders import build_model
+from dove_jax.models import kernels
 from dove_jax.models.discriminator import PatchDiscriminator
 from dove_jax.training import mesh as meshlib, state as statelib
 from dove_jax.training.objectives import make_objective
@@ -32,13 +33,14 @@ def build_training(config: ml_collections.ConfigDict, mesh, num_steps: int) -> T
   from dove_jax.perceptual import load_lpips
 
   model_def, params = nnx.split(build_model(config))
-  disc_def, disc_params = nnx.split(
-      PatchDiscriminator(
-          base_channels=config.discriminator.base_channels,
-          num_layers=config.discriminator.num_layers,
-          rngs=nnx.Rngs(config.seed + 1),
-      )
-  )
+  with kernels.use(config.model.kernels):  # its norms compute as the model's do
+    disc_def, disc_params = nnx.split(
+        PatchDiscriminator(
+            base_channels=config.discriminator.base_channels,
+            num_layers=config.discriminator.num_layers,
+            rngs=nnx.Rngs(config.seed + 1),
+        )
+    )
   optim = config.optim
   learning_rate = statelib.learning_rate_schedule(
       optim.learning_rate, optim.warmup_steps, num_steps, optim.final_learning_rate
