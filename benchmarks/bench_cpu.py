@@ -5,7 +5,7 @@
   python benchmarks/bench_cpu.py --paper --paper-train   + the paper config's train step (slower)
   python benchmarks/bench_cpu.py --curve             + encode / decode time against the sequence length
   python benchmarks/bench_cpu.py --no-lpips          train steps without LPIPS on both sides
-  python benchmarks/bench_cpu.py --no-torch --dtype bfloat16   ours alone, transformers in bf16 (a GPU: the
+  python benchmarks/bench_cpu.py --no-torch --dtype bfloat16   ours alone, computing in bf16 (a GPU: the
                                                      PyTorch here is a CPU build, and computes in float32)
 
 The train step is the config's own, LPIPS included (the PyTorch side's is `TorchLPIPS`, on the same weights).
@@ -523,7 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       "--dtype",
       default="",
       choices=["", "bfloat16"],
-      help="the transformers' compute dtype (config model.dtype; needs --no-torch)",
+      help="the model's compute dtype (config model.dtype; needs --no-torch)",
   )
   args = parser.parse_args(argv)
   if args.dtype and not args.no_torch:

@@ -22,7 +22,7 @@ device's memory to itself, so its peak-memory figure is its own):
   tests         pytest on the model tests that import only jax / flax / optax / numpy / safetensors /
                 hypothesis (TESTS): passed / failed / errors / skipped, and each failure's first lines
   benchmark     bench_cpu.py's own functions (bench_forward, bench_train_step, matmul_peak): the paper config,
-                transformers in bf16, ours alone (no PyTorch), at batch 8, 32 and 64: encode, decode and the
+                the model in bf16, ours alone (no PyTorch), at batch 8, 32 and 64: encode, decode and the
                 train step; per phase time, images/s, compile time, XLA's FLOPs and buffer memory, FLOP/s and
                 MFU (`peak_fraction`: against the bf16 8192^2 matmul peak measured in the first batch's
                 process), and the device's peak memory

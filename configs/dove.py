@@ -48,7 +48,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.model.token_dim = (
       0  # > 0: tokens projected to this width; 0 = the generator's width (the paper)
   )
-  config.model.dtype = ""  # compute dtype of the transformers: "" (float32) or "bfloat16"
+  config.model.dtype = ""  # compute dtype of convolutions and matmuls: "" (float32) or "bfloat16"
   # What the backward pass keeps of each VQ-GAN resnet block and transformer block (memory for compute):
   # "none", "save_matmuls" (recompute norms and activations) or "blocks" (recompute whole blocks).
   config.model.remat = "none"

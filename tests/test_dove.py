@@ -1,5 +1,7 @@
 """The DOVE top module: API shapes, budgets, causality, input checks, no recompiles, weights files."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,11 +183,21 @@ def test_weights_of_another_shape_name_the_parameter_and_both_shapes(tmp_path, m
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = tiny_dove(dtype="bfloat16")
+  """bf16 convolutions and matmuls (what a GPU trains in) on float32 parameters, float32 outputs, close to
+  the float32 model's."""
+  model, full = tiny_dove(dtype="bfloat16"), tiny_dove()
   assert all(v.dtype == jnp.float32 for v in param_dict(model).values())
-  out = model(images())
-  assert out.reconstruction.dtype == jnp.float32
-  assert np.isfinite(np.asarray(out.reconstruction)).all()
+  out, expected = model(images(), token_budget=8), full(images(), token_budget=8)
+  assert out.reconstruction.dtype == out.features.dtype == out.tokens.tokens.dtype == jnp.float32
+  scale = np.abs(expected.reconstruction).max()
+  assert np.abs(out.reconstruction - expected.reconstruction).max() < 0.05 * scale
+  graphdef, state = nnx.split(model)
+  program = (
+      jax.jit(lambda s: nnx.merge(graphdef, s)(images()).reconstruction).lower(state).as_text()
+  )
+  convolutions = re.findall(r"stablehlo.convolution.*", program)
+  signatures = [c.split(" : ")[-1] for c in convolutions]  # (tensor<...xbf16>, ...) -> tensor<...>
+  assert signatures and all("bf16" in t and "f32" not in t for t in signatures), signatures
 
 
 def test_paper_size_parameter_counts():

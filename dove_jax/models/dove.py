@@ -73,7 +73,8 @@ class DOVE(nnx.Module):
     eos_bias_init: initial EOS logit bias; negative starts every image at full length.
     token_dim: > 0 projects each token to this many dims (a narrower token holds less, so quality rises
       with every token added); 0 = the generator's width, as the paper's tokens are Pythia's hidden states.
-    dtype: compute dtype of the transformers, e.g. "bfloat16" (params stay float32); None or "" = float32.
+    dtype: compute dtype of the convolutions and matmuls, e.g. "bfloat16" (parameters stay float32; norms,
+      softmaxes, the quantizer and the VQ-GAN's outputs are float32); None or "" = float32.
     remat: what the backward pass keeps of each VQ-GAN resnet block and transformer block: "none",
       "save_matmuls" or "blocks" (see `dove_jax.models.remat`).
     kernels: "auto" (by the backend), "cpu", "xla" or "cudnn": how the convolutions, norms and attention
@@ -126,7 +127,7 @@ class DOVE(nnx.Module):
       self.requantize_output = requantize_output
       latent_dim = vqgan["vq_embed_dim"]
       generator = dict(_transformer_kwargs(generator), remat=remat)
-      self.vqgan = VQGAN(**vqgan, remat=remat, rngs=rngs)
+      self.vqgan = VQGAN(**vqgan, remat=remat, dtype=dtype, rngs=rngs)
       grid_size = image_size // downsample
       self.generator = TokenGenerator(
           feature_dim=latent_dim,

@@ -43,25 +43,29 @@ class Conv(kernels.UsesKernels, nnx.Conv):
     return kernels.conv2d(x, kernel, padding, self.kernels) + bias
 
 
-def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-  return Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+def conv3x3(in_channels: int, out_channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
+  return Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
 
 
-def conv1x1(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-  return Conv(in_channels, out_channels, (1, 1), padding="VALID", rngs=rngs)
+def conv1x1(in_channels: int, out_channels: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Conv:
+  return Conv(in_channels, out_channels, (1, 1), padding="VALID", dtype=dtype, rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
   """diffusers `ResnetBlock2D` without time embedding: x + conv(act(norm(conv(act(norm(x))))))."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, norm_num_groups: int, rngs: nnx.Rngs):
+  def __init__(
+      self, in_channels: int, out_channels: int, *, norm_num_groups: int, dtype=None, rngs: nnx.Rngs
+  ):
     self.norm1 = group_norm(in_channels, num_groups=norm_num_groups, rngs=rngs)
-    self.conv1 = conv3x3(in_channels, out_channels, rngs=rngs)
+    self.conv1 = conv3x3(in_channels, out_channels, dtype=dtype, rngs=rngs)
     self.norm2 = group_norm(out_channels, num_groups=norm_num_groups, rngs=rngs)
-    self.conv2 = conv3x3(out_channels, out_channels, rngs=rngs)
+    self.conv2 = conv3x3(out_channels, out_channels, dtype=dtype, rngs=rngs)
     # A 1x1 projection of the skip path only where the width changes.
     self.conv_shortcut = (
-        conv1x1(in_channels, out_channels, rngs=rngs) if in_channels != out_channels else None
+        conv1x1(in_channels, out_channels, dtype=dtype, rngs=rngs)
+        if in_channels != out_channels
+        else None
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, Cin] -> [B, H, W, Cout]
@@ -78,18 +82,18 @@ def _run_resnet(block: ResnetBlock, x: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """diffusers' mid-block `Attention`: group norm, one head as wide as the channels, residual."""
 
-  def __init__(self, channels: int, *, norm_num_groups: int, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, norm_num_groups: int, dtype=None, rngs: nnx.Rngs):
     self.group_norm = group_norm(channels, num_groups=norm_num_groups, rngs=rngs)
-    self.to_q = nnx.Linear(channels, channels, rngs=rngs)
-    self.to_k = nnx.Linear(channels, channels, rngs=rngs)
-    self.to_v = nnx.Linear(channels, channels, rngs=rngs)
-    self.to_out = nnx.Linear(channels, channels, rngs=rngs)
+    self.to_q, self.to_k, self.to_v, self.to_out = (
+        nnx.Linear(channels, channels, dtype=dtype, rngs=rngs) for _ in range(4)
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
     b, h, w, c = x.shape
     tokens = self.group_norm(x).reshape(b, h * w, c)  # [B, N, C]
     q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-    weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / jnp.sqrt(c), axis=-1)  # [B, N, N]
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)  # [B, N, N]
+    weights = jax.nn.softmax(logits / jnp.sqrt(c), axis=-1).astype(v.dtype)  # float32 softmax
     out = self.to_out(jnp.einsum("bqk,bkc->bqc", weights, v))  # [B, N, C]
     return x + out.reshape(b, h, w, c)
 
@@ -104,17 +108,20 @@ class MidBlock(nnx.Module):
       norm_num_groups: int,
       attention: bool,
       remat: str = "none",
+      dtype=None,
       rngs: nnx.Rngs,
   ):
     self.remat = remat_lib.check(remat)
     self.resnets = nnx.List(
         [
-            ResnetBlock(channels, channels, norm_num_groups=norm_num_groups, rngs=rngs)
+            ResnetBlock(channels, channels, norm_num_groups=norm_num_groups, dtype=dtype, rngs=rngs)
             for _ in range(2)
         ]
     )
     self.attention = (
-        Attention(channels, norm_num_groups=norm_num_groups, rngs=rngs) if attention else None
+        Attention(channels, norm_num_groups=norm_num_groups, dtype=dtype, rngs=rngs)
+        if attention
+        else None
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
@@ -128,8 +135,10 @@ class MidBlock(nnx.Module):
 class Downsample(nnx.Module):
   """Stride-2 3x3 conv after zero-padding only bottom and right, as diffusers' Downsample2D(padding=0)."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), strides=2, padding=((0, 1), (0, 1)), rngs=rngs)
+  def __init__(self, channels: int, *, dtype=None, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(
+        channels, channels, (3, 3), strides=2, padding=((0, 1), (0, 1)), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/2, W/2, C]
     return self.conv(x)
@@ -139,13 +148,13 @@ class Upsample(nnx.Module):
   """Nearest-neighbour x2 upsampling, then a 3x3 conv (diffusers' Upsample2D with use_conv=True), by
   `kernels.upsample_conv3x3` (on the CPU without building the upsampled image)."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
-    self.conv = conv3x3(channels, channels, rngs=rngs)
+  def __init__(self, channels: int, *, dtype=None, rngs: nnx.Rngs):
+    self.conv = conv3x3(channels, channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, 2H, 2W, C]
-    return kernels.upsample_conv3x3(
-        x, self.conv.kernel[...], self.conv.bias[...], self.conv.kernels
-    )
+    conv = self.conv
+    x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+    return kernels.upsample_conv3x3(x, kernel, bias, conv.kernels)
 
 
 class Stage(nnx.Module):
@@ -161,6 +170,7 @@ class Stage(nnx.Module):
       resample: str | None,
       norm_num_groups: int,
       remat: str = "none",
+      dtype=None,
       rngs: nnx.Rngs,
   ):
     self.remat = remat_lib.check(remat)
@@ -170,13 +180,14 @@ class Stage(nnx.Module):
                 in_channels if i == 0 else out_channels,
                 out_channels,
                 norm_num_groups=norm_num_groups,
+                dtype=dtype,
                 rngs=rngs,
             )
             for i in range(num_layers)
         ]
     )
     resampler = {"down": Downsample, "up": Upsample}.get(resample)
-    self.resample = None if resampler is None else resampler(out_channels, rngs=rngs)
+    self.resample = None if resampler is None else resampler(out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, Cin] -> [B, H', W', Cout]
     run = remat_lib.checkpointed(_run_resnet, self.remat)
@@ -192,6 +203,7 @@ def stages(
     resample: str,
     norm_num_groups: int,
     remat: str,
+    dtype,
     rngs: nnx.Rngs,
 ) -> nnx.List:
   """One Stage per width, as diffusers builds them: stage i maps widths[i-1] (widths[0] for the first) to
@@ -207,6 +219,7 @@ def stages(
               resample=None if i == len(pairs) - 1 else resample,
               norm_num_groups=norm_num_groups,
               remat=remat,
+              dtype=dtype,
               rngs=rngs,
           )
           for i, (cin, cout) in enumerate(pairs)
@@ -227,15 +240,17 @@ class Encoder(nnx.Module):
       norm_num_groups: int,
       mid_block_attention: bool,
       remat: str = "none",
+      dtype=None,
       rngs: nnx.Rngs,
   ):
-    self.conv_in = conv3x3(in_channels, block_out_channels[0], rngs=rngs)
+    self.conv_in = conv3x3(in_channels, block_out_channels[0], dtype=dtype, rngs=rngs)
     self.down_blocks = stages(
         block_out_channels,
         num_layers=layers_per_block,
         resample="down",
         norm_num_groups=norm_num_groups,
         remat=remat,
+        dtype=dtype,
         rngs=rngs,
     )
     self.mid_block = MidBlock(
@@ -243,10 +258,11 @@ class Encoder(nnx.Module):
         norm_num_groups=norm_num_groups,
         attention=mid_block_attention,
         remat=remat,
+        dtype=dtype,
         rngs=rngs,
     )
     self.conv_norm_out = group_norm(block_out_channels[-1], num_groups=norm_num_groups, rngs=rngs)
-    self.conv_out = conv3x3(block_out_channels[-1], out_channels, rngs=rngs)
+    self.conv_out = conv3x3(block_out_channels[-1], out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv_in(x)
@@ -270,15 +286,17 @@ class Decoder(nnx.Module):
       norm_num_groups: int,
       mid_block_attention: bool,
       remat: str = "none",
+      dtype=None,
       rngs: nnx.Rngs,
   ):
     widths = tuple(reversed(block_out_channels))
-    self.conv_in = conv3x3(in_channels, widths[0], rngs=rngs)
+    self.conv_in = conv3x3(in_channels, widths[0], dtype=dtype, rngs=rngs)
     self.mid_block = MidBlock(
         widths[0],
         norm_num_groups=norm_num_groups,
         attention=mid_block_attention,
         remat=remat,
+        dtype=dtype,
         rngs=rngs,
     )
     self.up_blocks = stages(
@@ -287,10 +305,11 @@ class Decoder(nnx.Module):
         resample="up",
         norm_num_groups=norm_num_groups,
         remat=remat,
+        dtype=dtype,
         rngs=rngs,
     )
     self.conv_norm_out = group_norm(block_out_channels[0], num_groups=norm_num_groups, rngs=rngs)
-    self.conv_out = conv3x3(block_out_channels[0], out_channels, rngs=rngs)
+    self.conv_out = conv3x3(block_out_channels[0], out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.mid_block(self.conv_in(x))
@@ -316,6 +335,7 @@ class VQGAN(nnx.Module):
       mid_block_attention: bool = False,
       remat: str = "none",
       *,
+      dtype=None,
       rngs: nnx.Rngs,
   ):
     blocks = dict(
@@ -324,18 +344,19 @@ class VQGAN(nnx.Module):
         norm_num_groups=norm_num_groups,
         mid_block_attention=mid_block_attention,
         remat=remat,
+        dtype=dtype,
         rngs=rngs,
     )
     self.encoder = Encoder(in_channels=in_channels, out_channels=latent_channels, **blocks)
-    self.quant_conv = conv1x1(latent_channels, vq_embed_dim, rngs=rngs)
+    self.quant_conv = conv1x1(latent_channels, vq_embed_dim, dtype=dtype, rngs=rngs)
     self.quantizer = VectorQuantizer(num_vq_embeddings, vq_embed_dim, beta=0.25, rngs=rngs)
-    self.post_quant_conv = conv1x1(vq_embed_dim, latent_channels, rngs=rngs)
+    self.post_quant_conv = conv1x1(vq_embed_dim, latent_channels, dtype=dtype, rngs=rngs)
     self.decoder = Decoder(in_channels=latent_channels, out_channels=out_channels, **blocks)
 
   def encode(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] in [-1, 1] -> latents [B, h, w, vq_embed_dim] before quantization, as diffusers'
-    `encode(x).latents`."""
-    return self.quant_conv(self.encoder(images))
+    `encode(x).latents`. float32 whatever the compute dtype."""
+    return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
   def quantize(self, latents: jax.Array) -> QuantizerOutput:
     return self.quantizer(latents)
@@ -345,7 +366,7 @@ class VQGAN(nnx.Module):
     (diffusers `decode(h, force_not_quantize=True)`)."""
     if quantize:
       latents = self.quantizer(latents).quantized
-    return self.decoder(self.post_quant_conv(latents))
+    return self.decoder(self.post_quant_conv(latents)).astype(jnp.float32)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, QuantizerOutput]:
     """Reconstruction [B, H, W, 3] through the codebook, and the quantizer's output."""
