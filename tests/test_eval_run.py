@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
 from test_console import tensorboard_tags
 from test_eval_metrics import counted_inception  # noqa: F401 (a fixture)
 from test_training import python
@@ -249,7 +250,8 @@ def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
   sys.path.insert(0, str(ROOT))
   import eval as eval_script
 
-  monkeypatch.setattr(fid, "load_inception", lambda path: "the Inception model")
+  # A stand-in without weights: counted_inception's features read the images alone.
+  monkeypatch.setattr(fid, "load_inception", lambda path: nnx.Module())
   config = dove.get_config("tiny")
   # Through the shipped model folder (eval.py --model), whose arguments replace the config's model.
   tiny_model = config.model.to_dict()

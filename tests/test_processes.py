@@ -1,7 +1,8 @@
 """Several processes by hand (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): two train.py
 processes on localhost, one CPU device each, reach the parameters of one process on two devices, through a
-kill -9 and a resume (mesh.fsdp = 2) and plainly (mesh.data = 2); eval.py in two processes writes the
-figures of one. Missing or wrong variables fail naming what to set."""
+kill -9 and a resume (mesh.fsdp = 2) and plainly (mesh.data = 2); eval.py in two processes, each batch
+split over both, writes the figures of one process on one device. Missing or wrong variables fail naming
+what to set."""
 
 import json
 import os

@@ -29,6 +29,12 @@ def query_inputs(batch: dict, with_query: bool = True) -> dict:
   }
 
 
+def model_inputs(batch: dict, budget: int, with_query: bool = True) -> tuple[np.ndarray, dict]:
+  """A host batch's [B] budgets (`budget` for every image, 0 = its predicted length) and its query
+  arguments (`query_inputs`), to be placed on the devices as the batch is."""
+  return np.full(len(batch["image"]), budget, np.int32), query_inputs(batch, with_query)
+
+
 def box_mse(recon: jax.Array, images: jax.Array, batch: dict) -> dict[str, jax.Array]:
   """[B] MSE inside the query's boxes (the whole image for an empty query), [B] MSE outside them, and [B]
   whether the image has any pixel outside them (the outside MSE of one that has none is a 0 that means

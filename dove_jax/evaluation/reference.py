@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dove_jax.evaluation import fid, metrics
+from dove_jax.training import mesh as meshlib
 
 DIRECTORY = "reference_statistics"  # under the workdir
 
@@ -46,11 +47,13 @@ def reference_key(
 
 
 def real_statistics(inception: fid.InceptionV3, data: Iterable[dict]) -> metrics.FeatureStatistics:
-  """Inception pool features of the valid images of `data` (batches), as streaming statistics."""
+  """Inception pool features of the valid images of `data` (batches, their images on the devices or on
+  the host), as streaming statistics."""
   stats = metrics.FeatureStatistics()
   for batch in data:
     keep = np.asarray(batch["valid"])
-    stats.update(np.asarray(fid.inception_features(inception, jnp.asarray(batch["image"])))[keep])
+    features = fid.inception_features(inception, jnp.asarray(batch["image"]))  # [B, 2048]
+    stats.update(meshlib.to_host(features)[keep])
   return stats
 
 

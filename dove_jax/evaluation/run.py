@@ -9,8 +9,9 @@ the plots beside it.
   - Q-DOVE: the lengths with and without the query (the compression the query buys) and the PSNR inside the
     query's boxes and outside them, with a figure of image, query, box and reconstructions.
 
-Padding examples of the last batch (valid=False) are left out of every figure. Run it as one process: with
-several, each would see only its share of the split.
+Padding examples of the last batch (valid=False) are left out of every figure. Each batch is split over
+every device of every process (data parallel; the weights replicated), and every process gets every figure
+back (eval.py writes them from process 0).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -32,11 +32,12 @@ from flax import nnx
 from dove_jax import builders, xla
 from dove_jax.data import pipeline, sources
 from dove_jax.evaluation import fid, metrics, plots, probe, reference
-from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, query_inputs
+from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, model_inputs
 
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
+from dove_jax.training import mesh as meshlib
 from dove_jax.weights import load_checkpoint_params, load_weights, lists_to_tuples, shaped_model
 
 PAPER_BUDGETS = (
@@ -196,21 +197,27 @@ def batches(source, config: ml_collections.ConfigDict, max_batches: int | None =
   return itertools.islice(dataset, count), count
 
 
-def token_features(encode, params, data, count: int | None = None, desc: str = "features"):
+def token_features(encode, params, mesh, data, count: int | None = None, desc: str = "features"):
   """Mean-token features [N, D] and labels [N] of the valid images of `data` (batches), at the predicted
-  lengths and without a query (a classifier sees whole images). `encode` is `make_functions`'s."""
+  lengths and without a query (a classifier sees whole images), computed over `mesh`. `encode` is
+  `make_functions`'s."""
   from tqdm import tqdm
 
   features, labels = [], []
   for batch in tqdm(data, total=count, desc=desc):
-    images = jnp.asarray(batch["image"])
     keep = np.asarray(batch["valid"])
-    tokens = encode(
-        params, images, jnp.zeros(images.shape[0], jnp.int32), query_inputs(batch, False)
-    )
-    features.append(np.asarray(mean_token(tokens))[keep])
+    images, (budget, query) = place(mesh, (batch["image"], model_inputs(batch, 0, False)))
+    tokens = encode(params, images, budget, query)
+    features.append(meshlib.to_host(mean_token(tokens))[keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(features), np.concatenate(labels)
+
+
+def place(mesh, tree):
+  """Arrays of a batch that every process holds whole (images, budgets, query arguments) -> split over
+  `mesh`'s devices along the batch: evaluation is data parallel over every device of every process.
+  """
+  return meshlib.from_host(tree, meshlib.batch_sharding(mesh))
 
 
 def num_classes(source, *labels: np.ndarray) -> int:
@@ -330,6 +337,7 @@ def probe_sources(config: ml_collections.ConfigDict, settings: ProbeSettings):
 def probe_figures(
     encode,
     params,
+    mesh,
     config,
     settings: ProbeSettings,
     train_source,
@@ -364,7 +372,11 @@ def probe_figures(
       else np.arange(len(labels))
   )
   train_features, train_labels = token_features(
-      encode, params, *batches(sources.Subset(train_source, chosen), config), desc="probe features"
+      encode,
+      params,
+      mesh,
+      *batches(sources.Subset(train_source, chosen), config),
+      desc="probe features",
   )
   classes = num_classes(train_source, train_labels, eval_labels)
   per_class = np.bincount(
@@ -387,12 +399,14 @@ def probe_figures(
   }
 
 
-def throughput(encode, decode, params, batch: dict, repeats: int = 3, chunk_size: int = 32) -> dict:
+def throughput(
+    encode, decode, params, mesh, batch: dict, repeats: int = 3, chunk_size: int = 32
+) -> dict:
   """Images per second of the compiled encoder (at predicted lengths, with the batch's queries for Q-DOVE),
-  one pass and in chunks of `chunk_size` slots with a key/value cache, and of the decoder, after warm-ups.
+  one pass and in chunks of `chunk_size` slots with a key/value cache, and of the decoder, after warm-ups,
+  over `mesh`'s devices.
   """
-  images, query = jnp.asarray(batch["image"]), query_inputs(batch)
-  budget = jnp.zeros(images.shape[0], jnp.int32)
+  images, (budget, query) = place(mesh, (batch["image"], model_inputs(batch, 0)))
   tokens = jax.block_until_ready(encode(params, images, budget, query))  # compiles
   jax.block_until_ready(encode(params, images, budget, query, chunk_size=chunk_size))
   jax.block_until_ready(decode(params, tokens))
@@ -411,6 +425,7 @@ def throughput(encode, decode, params, batch: dict, repeats: int = 3, chunk_size
       "decode_images_per_s": images_per_second(decode, params, tokens),
       "batch_size": int(images.shape[0]),
       "device": jax.devices()[0].device_kind,
+      "devices": int(mesh.size),
   }
 
 
@@ -421,6 +436,7 @@ def reconstruction_pass(
     functions,
     params,
     lpips,
+    mesh,
     data,
     count: int,
     budgets: list[int],
@@ -428,7 +444,7 @@ def reconstruction_pass(
     with_queries: bool = False,
     dove: bool = True,
 ):
-  """Runs `functions.reconstruct` on every batch of `data` at the predicted lengths and at each budget (with
+  """Runs `functions.reconstruct` over `mesh` on every batch of `data` at the predicted lengths and at each budget (with
   the query, for Q-DOVE, which is also run at its predicted lengths without the query: key NO_QUERY), and
   `functions.autoencode`, the VQ-GAN alone (key VQGAN; the only one when `dove` is False: a stage-1 run).
 
@@ -457,9 +473,9 @@ def reconstruction_pass(
     fid_stats = {key: metrics.FeatureStatistics() for key in keys}
   for host_batch in tqdm(data, total=count, desc="evaluating"):
     keep = np.asarray(host_batch["valid"])
-    batch = jax.device_put(host_batch)  # once, not once per budget
+    batch = place(mesh, host_batch)  # once, not once per budget
     images = batch["image"]  # [B, H, W, 3]
-    images_seen["laplacian_variance"].append(np.asarray(laplacian_variance(images))[keep])
+    images_seen["laplacian_variance"].append(meshlib.to_host(laplacian_variance(images))[keep])
     images_seen["complexity"].append(host_batch["complexity"][keep])
     images_seen["label"].append(host_batch["label"][keep])
     if not samples:
@@ -470,23 +486,18 @@ def reconstruction_pass(
         out = functions.autoencode(params, lpips, batch)
       else:
         budget, with_query = setting
-        out = functions.reconstruct(
-            params,
-            lpips,
-            batch,
-            jnp.full(images.shape[0], budget, jnp.int32),
-            query_inputs(batch, with_query),
-        )
+        forced, query = place(mesh, model_inputs(host_batch, budget, with_query))
+        out = functions.reconstruct(params, lpips, batch, forced, query)
       for name, values in per_image[key].items():
-        values.append(np.asarray(out[name])[keep])
+        values.append(meshlib.to_host(out[name])[keep])
       if key == feature_key:
-        images_seen["features"].append(np.asarray(out["features"])[keep])
+        images_seen["features"].append(meshlib.to_host(out["features"])[keep])
       if inception is not None:
         fid_stats[key].update(
-            np.asarray(fid.inception_features(inception, out["reconstruction"]))[keep]
+            meshlib.to_host(fid.inception_features(inception, out["reconstruction"]))[keep]
         )
       if key not in samples:
-        samples[key] = np.asarray(out["reconstruction"])[keep][:SAMPLE_IMAGES]
+        samples[key] = meshlib.to_host(out["reconstruction"])[keep][:SAMPLE_IMAGES]
   per_image = {
       key: {name: np.concatenate(v) for name, v in figures.items()}
       for key, figures in per_image.items()
@@ -540,7 +551,19 @@ def evaluate(
   )  # first: fails fast on a mismatch
   inception_model = fid.load_inception(inception) if inception else None
   out = Path(out) if out else Path(workdir) / "eval"
+  mesh = meshlib.make_mesh()  # every device of every process
+  if config.data.global_batch_size % mesh.size:
+    raise ValueError(
+        f"config.data.global_batch_size = {config.data.global_batch_size} is not a multiple of the "
+        f"{mesh.size} devices that evaluate each batch"
+    )
   model_def, params = nnx.split(model)
+  params, lpips = meshlib.from_host((params, load_lpips()), meshlib.replicated(mesh))
+  if inception_model is not None:
+    nnx.update(
+        inception_model,
+        meshlib.from_host(nnx.state(inception_model), meshlib.replicated(mesh)),
+    )
   functions = make_functions(model_def, uint8)
   train_source, eval_source = data_sources(config, class_subset)
   probe_data = (
@@ -560,7 +583,10 @@ def evaluate(
         eval_source, config, max_batches
     )  # read only if the cache has no statistics
     real, cache_file, reused = reference.reference_statistics(
-        Path(workdir) / reference.DIRECTORY, cache_key, inception_model, real_batches
+        Path(workdir) / reference.DIRECTORY,
+        cache_key,
+        inception_model,
+        (dict(batch, image=place(mesh, batch["image"])) for batch in real_batches),
     )
   with_queries = "query" in config
   dove = (
@@ -569,7 +595,8 @@ def evaluate(
   per_image, images, samples, fid_stats = reconstruction_pass(
       functions,
       params,
-      load_lpips(),
+      lpips,
+      mesh,
       data,
       count,
       budgets if dove else [],
@@ -633,6 +660,7 @@ def evaluate(
       probe_features, probe_labels = token_features(
           functions.encode,
           params,
+          mesh,
           *batches(probe_eval, config, max_batches),
           desc="probe eval features",
       )
@@ -645,6 +673,7 @@ def evaluate(
         "linear_probe": probe_figures(
             functions.encode,
             params,
+            mesh,
             config,
             probe_settings,
             probe_train,
@@ -652,7 +681,7 @@ def evaluate(
             probe_labels,
             probe_description,
         ),
-        "throughput": throughput(functions.encode, functions.decode, params, first_batch),
+        "throughput": throughput(functions.encode, functions.decode, params, mesh, first_batch),
     }
     if with_queries:
       results["query"] = query_figures(reconstruction)

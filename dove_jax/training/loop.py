@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -25,7 +24,7 @@ from dove_jax.builders import data_sources, query_step, query_tokenizer
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation import metrics as metrics_lib
-from dove_jax.evaluation.functions import make_functions, measured_outside_mse, query_inputs
+from dove_jax.evaluation.functions import make_functions, measured_outside_mse, model_inputs
 from dove_jax.models import kernels, remat
 from dove_jax.training import checkpoint, mesh as meshlib
 from dove_jax.training.setup import build_training
@@ -231,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logging.info(
         "resuming from step %d", int(jax.device_get(state.step))
     )  # past any damaged newer one
-  evaluator = Evaluator(config, setup.model_def, eval_source, setup.lpips)
+  evaluator = Evaluator(config, setup.model_def, eval_source, mesh, setup.lpips)
 
   # ---------------------------------------------------------------------------- loop
   first_step = int(jax.device_get(state.step))
@@ -287,11 +286,12 @@ class Evaluator:
   without the query and the MSE inside and outside the query's boxes. A stage-1 run (the VQ-GAN alone)
   shows its VQ-GAN's figures and reconstructions. The compiled functions are eval.py's."""
 
-  def __init__(self, config, model_def: nnx.GraphDef, eval_source, lpips=None):
+  def __init__(self, config, model_def: nnx.GraphDef, eval_source, mesh, lpips=None):
     self.max_tokens = config.model.max_tokens
     self.lpips = lpips
-    # Every process evaluates the same batches (whole, not its share): a figure is then one figure on all
-    # of them, and the functions see the same inputs in every process.
+    self.mesh = mesh
+    # Every process reads the same batches (whole, not its share), and each is split over every device
+    # of every process: a figure is then one figure on all of them, the same in every process.
     dataset = pipeline.make_dataset(
         eval_source,
         image_size=config.model.image_size,
@@ -302,8 +302,9 @@ class Evaluator:
         query=query_step(config),
     )
     # The same images every time, so the curves compare.
+    self.host_batches = list(itertools.islice(dataset, config.train.eval_batches))
     self.batches = [
-        jax.device_put(batch) for batch in itertools.islice(dataset, config.train.eval_batches)
+        meshlib.from_host(batch, meshlib.batch_sharding(mesh)) for batch in self.host_batches
     ]
     self.functions = make_functions(model_def)
     self.vqgan_only = config.train.objective == "vqgan"
@@ -314,26 +315,28 @@ class Evaluator:
         self.max_tokens,
     ]
 
-  def _run(self, params, batch, budget: int = 0, with_query: bool = True) -> dict:
+  def _run(self, params, host_batch, batch, budget: int = 0, with_query: bool = True) -> dict:
+    """The figures of `batch` (`host_batch` on the devices) at `budget`, back on the host, whole in every
+    process."""
     if self.vqgan_only:
-      return self.functions.autoencode(params, self.lpips, batch)
-    budgets = jnp.full(batch["image"].shape[0], budget, jnp.int32)
-    return self.functions.reconstruct(
-        params, self.lpips, batch, budgets, query_inputs(batch, with_query)
+      return meshlib.to_host(self.functions.autoencode(params, self.lpips, batch))
+    forced, query = meshlib.from_host(
+        model_inputs(host_batch, budget, with_query), batch["image"].sharding
     )
+    return meshlib.to_host(self.functions.reconstruct(params, self.lpips, batch, forced, query))
 
   def metrics(self, params) -> dict:
     figures = {}
-    for batch in self.batches:
-      out = self._run(params, batch)
+    for host_batch, batch in zip(self.host_batches, self.batches):
+      out = self._run(params, host_batch, batch)
       if "query_ids" in batch:
-        out["no_query_lengths"] = self._run(params, batch, with_query=False)["lengths"]
+        out["no_query_lengths"] = self._run(params, host_batch, batch, with_query=False)["lengths"]
       if "lengths" in out:
-        out["complexity"] = batch["complexity"]
-      keep = np.asarray(batch["valid"])
+        out["complexity"] = host_batch["complexity"]
+      keep = host_batch["valid"]
       for name, values in out.items():
         if name not in ("reconstruction", "features"):
-          figures.setdefault(name, []).append(np.asarray(values)[keep])
+          figures.setdefault(name, []).append(values[keep])
     figures = {name: np.concatenate(values) for name, values in figures.items()}
     results = {}
     if "lengths" in figures:
@@ -356,16 +359,19 @@ class Evaluator:
       for budget in self.budgets:
         mse = np.concatenate(
             [
-                np.asarray(self._run(params, batch, budget)["mse"])[np.asarray(batch["valid"])]
-                for batch in self.batches
+                self._run(params, host_batch, batch, budget)["mse"][host_batch["valid"]]
+                for host_batch, batch in zip(self.host_batches, self.batches)
             ]
         )
         results[f"eval/psnr_at_{budget}_tokens"] = float(metrics_lib.psnr_from_mse(mse.mean()))
     return results
 
   def image_grid(self, params, count: int = 4) -> np.ndarray:
-    batch = {name: value[:count] for name, value in self.batches[0].items()}
+    host_batch = {name: value[:count] for name, value in self.host_batches[0].items()}
+    batch = meshlib.from_host(
+        host_batch, meshlib.replicated(self.mesh)
+    )  # fewer images than devices
     budgets = [0] if self.vqgan_only else [0, *self.budgets]
-    rows = [np.asarray(batch["image"])]
-    rows += [np.asarray(self._run(params, batch, budget)["reconstruction"]) for budget in budgets]
+    rows = [host_batch["image"]]
+    rows += [self._run(params, host_batch, batch, budget)["reconstruction"] for budget in budgets]
     return image_grid(rows)

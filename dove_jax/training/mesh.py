@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -58,3 +59,25 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )
+
+
+def from_host(tree, sharding: NamedSharding):
+  """Arrays that every process holds whole, with the same values (a batch every process read, weights) ->
+  global arrays laid out by `sharding`; each process places only the pieces its own devices hold."""
+
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, tree)
+
+
+def to_host(tree):
+  """Global arrays -> whole numpy arrays in every process, gathered from the devices of the others."""
+
+  def fetch(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:  # one process, or an array of this process's devices alone
+      return np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True)
+
+  return jax.tree.map(fetch, tree)
