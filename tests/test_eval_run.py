@@ -238,6 +238,21 @@ def test_class_subset_limits_both_splits_and_is_named_in_metrics(data_dir, tmp_p
   assert described["records"] == len(held) and described["split"] == "validation"
 
 
+def test_a_batch_the_devices_do_not_divide_is_refused_naming_the_field(monkeypatch, tmp_path):
+  """Evaluation splits each batch over every device: 8 images on 3 devices fail before any compute."""
+  import types
+
+  from configs import dove
+  from dove_jax.evaluation import run
+
+  monkeypatch.setattr(run.meshlib, "make_mesh", lambda: types.SimpleNamespace(size=3))
+  config = dove.get_config("tiny")
+  config.data.global_batch_size = 8
+  message = "config.data.global_batch_size = 8 is not a multiple of the 3 devices"
+  with pytest.raises(ValueError, match=message):
+    run.evaluate(config, tmp_path, weights=str(dove.SHIPPED / "tiny" / "dove.safetensors"))
+
+
 def test_a_second_evaluation_reuses_the_real_images_inception_statistics(
     data_dir, tmp_path, monkeypatch, counted_inception
 ):
