@@ -143,7 +143,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
     batches = [2]
   else:
     bench = dict(
-        preset="paper", repeats=args.repeats, dtype="bfloat16", remat=args.remat, kernels="auto"
+        preset="paper",
+        repeats=args.repeats,
+        dtype="bfloat16",
+        remat=args.remat,
+        kernels=args.kernels,
     )
     training = dict(
         preset="tiny",
@@ -151,7 +155,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict, float]]:
         batch=0,
         schedule_steps=0,
         dtype="",
-        kernels="auto",
+        kernels=args.kernels,
     )
     tests = args.tests or list(TESTS)
     batches = args.batches
@@ -541,6 +545,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per benchmark phase")
   parser.add_argument("--train-steps", type=int, default=200)
+  parser.add_argument(
+      "--kernels",
+      default="auto",
+      choices=("auto", "xla", "cudnn"),
+      help="config model.kernels of the benchmark and training (auto: cuDNN attention on an NVIDIA GPU)",
+  )
   parser.add_argument(
       "--remat", default="", help="the paper benchmark's model.remat (none, save_matmuls, blocks)"
   )
