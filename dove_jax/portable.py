@@ -68,8 +68,14 @@ def export_portable(
 
   from dove_jax.models.dove import Tokens
   from dove_jax.tensor_io import param_path
+  from dove_jax.weights import lists_to_tuples
 
-  graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+  _, param_state, rest = nnx.split(model, nnx.Param, ...)
+  # The same model computing with the kernels that suit each platform it is compiled for: the CPU's there,
+  # plain XLA on a GPU (dove_jax/models/kernels.py, "portable").
+  arguments = lists_to_tuples(json.loads(model.arguments))
+  portable = nnx.eval_shape(lambda: type(model)(**arguments, kernels="portable", rngs=nnx.Rngs(0)))
+  graphdef = nnx.split(portable, nnx.Param, ...)[0]
 
   def bind(params):
     """The model with the parameters of `params`, a dict keyed by parameter path (traced arrays)."""

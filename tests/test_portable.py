@@ -88,6 +88,18 @@ def test_portable_json_describes_the_functions(folder):
     assert jax.export.deserialize((folder / name).read_bytes()).platforms == ("cpu", "cuda")
 
 
+def test_each_platform_gets_its_own_kernels(model, tmp_path):
+  """The CPU's kernels (here the norms' grouped sums, behind an optimisation barrier) in the CPU program
+  only; the CUDA program is plain XLA (dove_jax/models/kernels.py)."""
+  programs = {}
+  for platform in ("cpu", "cuda"):
+    portable.export_portable(model, tmp_path / platform, platforms=(platform,))
+    exported = (tmp_path / platform / portable.DECODE_FILE).read_bytes()
+    programs[platform] = jax.export.deserialize(exported).mlir_module()
+  assert "optimization_barrier" in programs["cpu"]
+  assert "optimization_barrier" not in programs["cuda"]
+
+
 def test_a_wrong_shape_is_refused_naming_it(folder):
   encode, _ = portable.load_portable(folder)
   with pytest.raises(

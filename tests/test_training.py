@@ -103,7 +103,9 @@ def test_a_wrong_kernels_name_fails_before_any_compute():
 
   config = dove.get_config("tiny")
   config.model.kernels = "gpu"
-  message = "config.model.kernels = 'gpu'; expected one of ('auto', 'cpu', 'xla', 'cudnn')"
+  message = (
+      "config.model.kernels = 'gpu'; expected one of ('auto', 'cpu', 'xla', 'cudnn', 'portable')"
+  )
   with pytest.raises(ValueError, match=re.escape(message)):
     check_config(config)
 

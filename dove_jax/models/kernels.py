@@ -12,10 +12,12 @@ constructor and keeps it as a static attribute, so a compiled function always ru
 was built with. "auto" (the default) picks by the backend in use; `DOVE(kernels=...)` and the config's
 `model.kernels` force either way (e.g. "xla" on a CPU, to run what a GPU runs).
 
-  cpu    the CPU kernels
-  xla    plain XLA ops; attention by `jax.nn.dot_product_attention`'s XLA implementation
-  cudnn  as xla, with bf16/fp16 attention through cuDNN (float32 attention stays XLA's)
-  auto   cpu on the CPU backend, cudnn on a CUDA GPU, xla elsewhere
+  cpu       the CPU kernels
+  xla       plain XLA ops; attention by `jax.nn.dot_product_attention`'s XLA implementation
+  cudnn     as xla, with bf16/fp16 attention through cuDNN (float32 attention stays XLA's)
+  auto      cpu on the CPU backend, cudnn on a CUDA GPU, xla elsewhere
+  portable  cpu or xla, whichever suits the platform a program is compiled for
+            (`jax.lax.platform_dependent`): for functions exported for several (dove_jax/portable.py)
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import jax
 import jax.extend.backend
 import jax.numpy as jnp
 
-CHOICES = ("auto", "cpu", "xla", "cudnn")
+CHOICES = ("auto", "cpu", "xla", "cudnn", "portable")
 _requested = ["auto"]  # a stack: `use` pushes, its exit pops
 
 
 def resolve(choice: str) -> str:
-  """ "cpu", "xla" or "cudnn" for a choice of CHOICES ("auto": by the backend in use)."""
+  """A choice of CHOICES as it stands, or for "auto" "cpu", "xla" or "cudnn" by the backend in use."""
   if choice not in CHOICES:
     raise ValueError(f"kernels={choice!r} (config model.kernels): expected one of {CHOICES}")
   if choice != "auto":
@@ -55,8 +57,16 @@ def use(choice: str):
 
 
 def current() -> str:
-  """The kernels a module built now takes: "cpu", "xla" or "cudnn"."""
+  """The kernels a module built now takes: a choice of CHOICES other than "auto"."""
   return resolve(_requested[-1])
+
+
+def by_platform(impl: str, cpu_kernel, plain, *args):
+  """`cpu_kernel(*args)` or `plain(*args)` as `impl` says; for "portable" both, and the compiler keeps the
+  one for its platform."""
+  if impl == "portable":
+    return jax.lax.platform_dependent(*args, cpu=cpu_kernel, default=plain)
+  return (cpu_kernel if impl == "cpu" else plain)(*args)
 
 
 class UsesKernels:
@@ -76,7 +86,9 @@ MIN_ROWS = 8  # the shortest strip (a halo of kernel-1 rows is repeated per stri
 
 def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding, impl: str) -> jax.Array:
   """A stride-1 convolution, NHWC x HWIO -> NHWC, padding ((top, bottom), (left, right))."""
-  return strip_conv2d(x, kernel, padding) if impl == "cpu" else _conv(x, kernel, padding)
+  return by_platform(
+      impl, lambda x, k: strip_conv2d(x, k, padding), lambda x, k: _conv(x, k, padding), x, kernel
+  )
 
 
 def _conv(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
@@ -151,10 +163,12 @@ strip_conv2d.defvjp(_strip_conv2d_fwd, _strip_conv2d_bwd)
 def upsample_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str) -> jax.Array:
   """conv3x3(nearest_upsample_x2(x)) + bias (diffusers' Upsample2D with use_conv=True).
   [B, H, W, C] x [3, 3, C, O] -> [B, 2H, 2W, O]."""
-  if impl == "cpu":
-    return phase_upsample_conv3x3(x, kernel) + bias
+  return by_platform(impl, phase_upsample_conv3x3, _upsampled_conv3x3, x, kernel) + bias
+
+
+def _upsampled_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
-  return _conv(upsampled, kernel, ((1, 1), (1, 1))) + bias
+  return _conv(upsampled, kernel, ((1, 1), (1, 1)))
 
 
 def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -193,7 +207,7 @@ FUSED_SUM_WIDTH = (
 
 def sum_over(x: jax.Array, axis: int, impl: str) -> jax.Array:
   """x summed over `axis` (dropped)."""
-  return fused_sum(x, axis) if impl == "cpu" else x.sum(axis)
+  return by_platform(impl, lambda x: fused_sum(x, axis), lambda x: x.sum(axis), x)
 
 
 def fused_sum(x: jax.Array, axis: int) -> jax.Array:
@@ -231,15 +245,29 @@ def attention(
   """softmax(q k^T / sqrt(H)) v: q [B, T, N, H], k and v [B, L, N, H], mask broadcasting to [B, N, T, L]
   (True = attend) -> [B, T, N, H]. Logits and the softmax are float32 whatever the dtype; a query that sees
   no key gets a finite output, not NaN (its value is meaningless: a caller masks it out)."""
-  if impl == "cpu":
-    return blocked_attention(q, k, v, mask, is_causal)
+  return by_platform(
+      impl,
+      lambda q, k, v, mask: blocked_attention(q, k, v, mask, is_causal),
+      lambda q, k, v, mask: plain_attention(q, k, v, mask, is_causal, cudnn=impl == "cudnn"),
+      q,
+      k,
+      v,
+      mask,
+  )
+
+
+def plain_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool, cudnn: bool
+) -> jax.Array:
+  """`attention` by `jax.nn.dot_product_attention`: cuDNN's where `cudnn` and the dtype is bf16 or fp16 and
+  it takes the shapes, XLA's otherwise; a query that sees no key sees every key instead."""
   if mask is not None:
     if is_causal:  # one explicit mask, so that its empty rows can be found
       mask = mask & causal_mask(q.shape[1], k.shape[1], 0)
     mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)  # a row that sees no key sees every key
     mask = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))  # [B, N or 1, T, L]
     is_causal = False
-  if impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if cudnn and q.dtype in (jnp.bfloat16, jnp.float16):
     # cuDNN's fused kernel refuses some shapes (an odd length with a mask, a head dim not a multiple of 8)
     # when it is traced: those take XLA's.
     try:
