@@ -301,7 +301,7 @@ def bench_train_step(
 ) -> tuple[dict, dict]:
   """The full train step (generator + discriminator, state donated) on a 1-device mesh, timed in turn with the
   references' train step: (our stats, theirs)."""
-  from dove_jax.training import mesh as meshlib
+  from dove_jax import mesh as meshlib
   from dove_jax.training.setup import build_training
 
   mesh = meshlib.make_mesh(1, 1, devices=jax.devices()[:1])

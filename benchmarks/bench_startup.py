@@ -32,7 +32,7 @@ def startup(name: str, cache: str, batch: int) -> dict:
 
   from configs.dove import get_config
   from dove_jax import xla
-  from dove_jax.training import mesh as meshlib
+  from dove_jax import mesh as meshlib
   from dove_jax.training.setup import build_training
 
   xla.cache_compiled_programs(cache)

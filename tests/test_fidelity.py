@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import dove
+from dove_jax import mesh as meshlib
 from dove_jax.data import builtin, pipeline
 from dove_jax.evaluation.functions import make_functions
 from dove_jax.evaluation.metrics import psnr_from_mse
-from dove_jax.training import mesh as meshlib
 from dove_jax.training.setup import build_training
 
 OVERFIT_STEPS = (

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dove_jax import mesh as meshlib
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
-from dove_jax.training import checkpoint, mesh as meshlib
+from dove_jax.training import checkpoint
 
 BATCHES = 12  # two epochs of 6 batches: the resumes below cross an epoch boundary
 

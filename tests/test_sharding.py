@@ -13,7 +13,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, ".")
     from configs import dove
-    from dove_jax.training import mesh as meshlib
+    from dove_jax import mesh as meshlib
     from dove_jax.training.setup import build_training
 
     config = dove.get_config("tiny")

@@ -19,8 +19,8 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
+from dove_jax import mesh as meshlib
 from dove_jax.evaluation import fid, metrics
-from dove_jax.training import mesh as meshlib
 
 DIRECTORY = "reference_statistics"  # under the workdir
 

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import builders, xla
+from dove_jax import builders, mesh as meshlib, xla
 from dove_jax.data import pipeline, sources
 from dove_jax.evaluation import fid, metrics, plots, probe, reference
 from dove_jax.evaluation.functions import make_functions, mean_token, measured_outside_mse, model_inputs
@@ -37,7 +37,6 @@ from dove_jax.evaluation.functions import make_functions, mean_token, measured_o
 # Keys of the figures at the model's own lengths, and of the VQ-GAN alone (encoder, codebook, decoder).
 from dove_jax.evaluation.plots import NO_QUERY, PREDICTED, VQGAN
 from dove_jax.models.dove import DOVE
-from dove_jax.training import mesh as meshlib
 from dove_jax.weights import load_checkpoint_params, load_weights, lists_to_tuples, shaped_model
 
 PAPER_BUDGETS = (

@@ -19,14 +19,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dove_jax import distributed, losses, xla
+from dove_jax import distributed, losses, mesh as meshlib, xla
 from dove_jax.builders import data_sources, query_step, query_tokenizer
 from dove_jax.data import pipeline
 from dove_jax.data.prefetch import DevicePrefetcher
 from dove_jax.evaluation import metrics as metrics_lib
 from dove_jax.evaluation.functions import make_functions, measured_outside_mse, model_inputs
 from dove_jax.models import kernels, remat
-from dove_jax.training import checkpoint, mesh as meshlib
+from dove_jax.training import checkpoint
 from dove_jax.training.setup import build_training
 
 DATA_SOURCES = ("builtin", "tfds", "folder", "visual_genome")

@@ -10,11 +10,11 @@ import jax
 import ml_collections
 from flax import nnx
 
-from dove_jax import xla
+from dove_jax import mesh as meshlib, xla
 from dove_jax.builders import build_model
 from dove_jax.models import kernels
 from dove_jax.models.discriminator import PatchDiscriminator
-from dove_jax.training import mesh as meshlib, state as statelib
+from dove_jax.training import state as statelib
 from dove_jax.training.objectives import make_objective
 from dove_jax.training.step import make_train_step
 

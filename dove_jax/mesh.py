@@ -2,10 +2,10 @@
 
 Batches are split over both axes (fsdp is data parallel too); parameters and optimizer moments are split
 over `fsdp` along their largest divisible dimension and replicated over `data`. XLA inserts the collectives.
+Evaluation splits its batches the same way, with the weights replicated (`from_host`, `to_host`).
 """
 
 from __future__ import annotations
-
 
 import jax
 import numpy as np
