@@ -10,6 +10,7 @@ from flax import nnx
 from configs.dove import get_config
 from dove_jax.models import kernels
 from dove_jax.models.dove import DOVE
+from test_dove import TINY
 
 
 @pytest.fixture(autouse=True)
@@ -174,24 +175,21 @@ def _modules_kernels(model) -> set[str]:
 
 
 def test_a_model_keeps_its_kernels_and_both_compute_the_same():
-  """The whole tiny DOVE built with "xla" (what a GPU runs) against "cpu" (the same weights): the same loss
+  """A whole small DOVE built with "xla" (what a GPU runs) against "cpu" (the same weights): the same loss
   and gradients; each module keeps the kernels it was built with, so one jitted function compiles each.
   """
-  config = get_config("tiny")
-  models = {
-      impl: DOVE(**dict(config.model, kernels=impl), rngs=nnx.Rngs(0)) for impl in ("cpu", "xla")
-  }
+  models = {impl: DOVE(**TINY, kernels=impl, rngs=nnx.Rngs(0)) for impl in ("cpu", "xla")}
   assert {impl: _modules_kernels(m) for impl, m in models.items()} == {
       "cpu": {"cpu"},
       "xla": {"xla"},
   }
   assert "kernels" not in models["xla"].arguments  # a model folder loads with the loading machine's
-  images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1, maxval=1)
+  images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
 
   @nnx.jit
   def loss_and_grads(model):
     def loss(model):
-      tokens = model.encode(images, token_budget=jnp.array([5, 40]))
+      tokens = model.encode(images, token_budget=jnp.array([5, 16]))
       return jnp.mean(jnp.square(model.decode(tokens) - images)) + jnp.mean(tokens.eos_prob)
 
     return nnx.value_and_grad(loss)(model)
