@@ -443,9 +443,10 @@ def reconstruction_pass(
     with_queries: bool = False,
     dove: bool = True,
 ):
-  """Runs `functions.reconstruct` over `mesh` on every batch of `data` at the predicted lengths and at each budget (with
-  the query, for Q-DOVE, which is also run at its predicted lengths without the query: key NO_QUERY), and
-  `functions.autoencode`, the VQ-GAN alone (key VQGAN; the only one when `dove` is False: a stage-1 run).
+  """Runs `functions.reconstruct` over `mesh` on every batch of `data` at the predicted lengths and at each
+  budget (with the query, for Q-DOVE, which is also run at its predicted lengths without the query: key
+  NO_QUERY), and `functions.autoencode`, the VQ-GAN alone (key VQGAN; the only one when `dove` is False: a
+  stage-1 run).
 
   Returns (per_image, images, samples, fid): per_image[key] holds [N] arrays (lengths, mse, ssim, lpips;
   for Q-DOVE the BOX_FIGURES) with key PREDICTED, NO_QUERY or str(budget); images holds
