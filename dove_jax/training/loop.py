@@ -316,14 +316,13 @@ class Evaluator:
     ]
 
   def _run(self, params, host_batch, batch, budget: int = 0, with_query: bool = True) -> dict:
-    """The figures of `batch` (`host_batch` on the devices) at `budget`, back on the host, whole in every
-    process."""
+    """The figures of `batch` (`host_batch` on the devices) at `budget`, still on the devices."""
     if self.vqgan_only:
-      return meshlib.to_host(self.functions.autoencode(params, self.lpips, batch))
+      return self.functions.autoencode(params, self.lpips, batch)
     forced, query = meshlib.from_host(
         model_inputs(host_batch, budget, with_query), batch["image"].sharding
     )
-    return meshlib.to_host(self.functions.reconstruct(params, self.lpips, batch, forced, query))
+    return self.functions.reconstruct(params, self.lpips, batch, forced, query)
 
   def metrics(self, params) -> dict:
     figures = {}
@@ -331,12 +330,15 @@ class Evaluator:
       out = self._run(params, host_batch, batch)
       if "query_ids" in batch:
         out["no_query_lengths"] = self._run(params, host_batch, batch, with_query=False)["lengths"]
+      # The per-image figures only, back on the host (whole, in every process).
+      out = meshlib.to_host(
+          {name: v for name, v in out.items() if name not in ("reconstruction", "features")}
+      )
       if "lengths" in out:
         out["complexity"] = host_batch["complexity"]
       keep = host_batch["valid"]
       for name, values in out.items():
-        if name not in ("reconstruction", "features"):
-          figures.setdefault(name, []).append(values[keep])
+        figures.setdefault(name, []).append(values[keep])
     figures = {name: np.concatenate(values) for name, values in figures.items()}
     results = {}
     if "lengths" in figures:
@@ -359,7 +361,9 @@ class Evaluator:
       for budget in self.budgets:
         mse = np.concatenate(
             [
-                self._run(params, host_batch, batch, budget)["mse"][host_batch["valid"]]
+                meshlib.to_host(self._run(params, host_batch, batch, budget)["mse"])[
+                    host_batch["valid"]
+                ]
                 for host_batch, batch in zip(self.host_batches, self.batches)
             ]
         )
@@ -373,5 +377,8 @@ class Evaluator:
     )  # fewer images than devices
     budgets = [0] if self.vqgan_only else [0, *self.budgets]
     rows = [host_batch["image"]]
-    rows += [self._run(params, host_batch, batch, budget)["reconstruction"] for budget in budgets]
+    rows += [
+        meshlib.to_host(self._run(params, host_batch, batch, budget)["reconstruction"])
+        for budget in budgets
+    ]
     return image_grid(rows)
